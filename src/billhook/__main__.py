@@ -1,0 +1,3 @@
+from billhook.cli import main
+
+main()

@@ -1,0 +1,50 @@
+"""The Typer application every command module registers on, and what commands share."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import orjson
+import typer
+from rich.console import Console
+from sqlalchemy.engine import Engine
+
+from billhook.config import Settings, load_settings
+from billhook.errors import BillhookError
+from billhook.store.engine import create_engine
+
+app = typer.Typer(
+    name="billhook",
+    help="Billing webhooks received durably, processed once, explained always.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+@app.callback()
+def _root() -> None:
+    """Billing webhooks received durably, processed once, explained always."""
+
+
+def settings() -> Settings:
+    return load_settings()
+
+
+def open_engine(config: Settings | None = None) -> Engine:
+    return create_engine((config or settings()).database_url)
+
+
+def print_json(value: Any) -> None:
+    sys.stdout.write(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+def main() -> None:
+    """Console-script entry: domain errors become one readable line and a stable exit code."""
+    try:
+        app()
+    except BillhookError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}")
+        raise SystemExit(exc.exit_code) from None

@@ -1,0 +1,1 @@
+"""The store: one schema, one engine factory, queries shared by SQLite and PostgreSQL."""
