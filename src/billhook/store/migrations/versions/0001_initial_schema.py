@@ -219,6 +219,17 @@ def upgrade() -> None:
             sqlite_where=sa.text("state = 'running'"),
             postgresql_where=sa.text("state = 'running'"),
         )
+    if op.get_context().dialect.name == "postgresql":
+        # Wake LISTENing workers when jobs are inserted: NOTIFY is delivered at commit, once per
+        # transaction, so whoever inserts a job (ingest, replay) cannot forget to wake them.
+        op.execute(
+            "CREATE FUNCTION billhook_notify_jobs() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN PERFORM pg_notify('billhook_jobs', ''); RETURN NULL; END $$"
+        )
+        op.execute(
+            "CREATE TRIGGER jobs_notify AFTER INSERT ON jobs "
+            "FOR EACH STATEMENT EXECUTE FUNCTION billhook_notify_jobs()"
+        )
 
     op.create_table(
         "effect_attempts",
@@ -275,6 +286,9 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f("ix_effect_attempts_effect_id"))
 
     op.drop_table("effect_attempts")
+    if op.get_context().dialect.name == "postgresql":
+        op.execute("DROP TRIGGER IF EXISTS jobs_notify ON jobs")
+        op.execute("DROP FUNCTION IF EXISTS billhook_notify_jobs()")
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.drop_index(
             "uq_jobs_running_key",

@@ -1,0 +1,293 @@
+"""Moving jobs between states: claim, heartbeat, complete, fail, rescue, release.
+
+Every transition after the claim is guarded by (id, state running, worker_id, attempts): a worker
+whose lease was rescued and whose job was claimed again elsewhere cannot complete or fail the
+new attempt. Handlers therefore run at least once and must be idempotent (processing checks
+the event's `outcome` in its own transaction).
+
+Claiming, per ordering key: a job is claimable when its `run_at` has come, the queue is not
+paused, no job of its key is running and no unfinished job of its key comes before it in
+provider order `(order_ts, id)`. Dead jobs are finished: they do not block their key.
+"""
+
+from __future__ import annotations
+
+import random
+import traceback
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from billhook.queue.jobs import Job, notify_enqueued
+from billhook.queue.retry import RetryPolicy, is_last_attempt, next_run_at
+from billhook.queue.states import CLAIMABLE, UNFINISHED, JobState
+from billhook.store.engine import transaction
+from billhook.store.schema import job_attempts, jobs, settings
+
+DeadHook = Callable[[Connection, Job], None]
+"""Called in the transaction that marks a job dead, with the dead job (its `last_error` set)."""
+
+PAUSED_KEY = "paused"
+MAX_ERROR_CHARS = 4000
+
+
+def claim(
+    engine: Engine, *, worker_id: str, now: float, lease_seconds: float, limit: int = 1
+) -> list[Job]:
+    """Take up to `limit` claimable jobs under a lease; [] when none (or a key race was lost)."""
+    candidates = _claimable(now, limit, skip_locked=engine.dialect.name == "postgresql").cte("c")
+    statement = (
+        jobs.update()
+        .where(jobs.c.id.in_(sa.select(candidates.c.id)))
+        .values(
+            state=JobState.RUNNING.value,
+            attempts=jobs.c.attempts + 1,
+            worker_id=worker_id,
+            started_at=now,
+            lease_expires_at=now + lease_seconds,
+        )
+        .returning(*jobs.c)
+    )
+    try:
+        with transaction(engine) as connection:
+            rows = connection.execute(statement).mappings().all()
+    except sa.exc.IntegrityError:
+        # Another worker started a job of the same key after our snapshot; the unique index on
+        # running keys refused ours. Nothing is lost: the job is still claimable later.
+        return []
+    return sorted((Job.from_row(row) for row in rows), key=lambda job: (job.run_at, job.id))
+
+
+def _claimable(now: float, limit: int, *, skip_locked: bool) -> sa.Select[tuple[int]]:
+    job = jobs.alias("j")
+    other = jobs.alias("o")
+    blocker = sa.exists().where(
+        other.c.ordering_key == job.c.ordering_key,
+        other.c.id != job.c.id,
+        other.c.state.in_([state.value for state in UNFINISHED]),
+        sa.or_(
+            other.c.state == JobState.RUNNING.value,
+            sa.tuple_(other.c.order_ts, other.c.id) < sa.tuple_(job.c.order_ts, job.c.id),
+        ),
+    )
+    paused = sa.exists().where(settings.c.key == PAUSED_KEY, settings.c.value == "true")
+    query = (
+        sa.select(job.c.id)
+        .where(
+            job.c.state.in_([state.value for state in CLAIMABLE]),
+            job.c.run_at <= now,
+            ~blocker,
+            ~paused,
+        )
+        .order_by(job.c.run_at, job.c.id)
+        .limit(limit)
+    )
+    if skip_locked:
+        query = query.with_for_update(skip_locked=True, of=job)
+    return query
+
+
+def _held(job: Job) -> sa.ColumnElement[bool]:
+    return sa.and_(
+        jobs.c.id == job.id,
+        jobs.c.state == JobState.RUNNING.value,
+        jobs.c.worker_id == job.worker_id,
+        jobs.c.attempts == job.attempts,
+    )
+
+
+def heartbeat(
+    engine: Engine, *, worker_id: str, job_ids: Iterable[int], now: float, lease_seconds: float
+) -> set[int]:
+    """Extend the leases this worker still holds; returns the ids it still holds."""
+    ids = list(job_ids)
+    if not ids:
+        return set()
+    with transaction(engine) as connection:
+        rows = connection.execute(
+            jobs.update()
+            .where(
+                jobs.c.id.in_(ids),
+                jobs.c.state == JobState.RUNNING.value,
+                jobs.c.worker_id == worker_id,
+            )
+            .values(lease_expires_at=now + lease_seconds)
+            .returning(jobs.c.id)
+        ).all()
+    return {int(row[0]) for row in rows}
+
+
+def complete(engine: Engine, job: Job, *, now: float) -> bool:
+    """Mark the attempt done; False when this worker no longer held the job."""
+    with transaction(engine) as connection:
+        updated = connection.execute(
+            jobs.update()
+            .where(_held(job))
+            .values(
+                state=JobState.COMPLETED.value,
+                finished_at=now,
+                lease_expires_at=None,
+            )
+        ).rowcount
+        if updated:
+            _record_attempt(connection, job, now=now, outcome="completed")
+    return bool(updated)
+
+
+def fail(
+    engine: Engine,
+    job: Job,
+    error: BaseException,
+    *,
+    now: float,
+    policy: RetryPolicy,
+    rng: random.Random,
+    dead_hooks: Mapping[str, DeadHook],
+) -> JobState | None:
+    """Record the failed attempt; retryable with backoff, or dead after the last attempt.
+
+    Returns the new state, or None when this worker no longer held the job.
+    """
+    message = _error_text(error)
+    with transaction(engine) as connection:
+        if is_last_attempt(job.attempts, job.max_attempts):
+            state = JobState.DEAD
+            values: dict[str, object] = {"finished_at": now}
+        else:
+            state = JobState.RETRYABLE
+            run_at = next_run_at(
+                now, job.attempts, policy.base_seconds, policy.max_seconds, rng
+            )
+            values = {"run_at": run_at}
+        updated = connection.execute(
+            jobs.update()
+            .where(_held(job))
+            .values(state=state.value, last_error=message, lease_expires_at=None, **values)
+        ).rowcount
+        if not updated:
+            return None
+        _record_attempt(
+            connection,
+            job,
+            now=now,
+            outcome="failed",
+            error_type=_qualified_name(error),
+            error_message=str(error)[:MAX_ERROR_CHARS],
+            trace="".join(traceback.format_exception(error)),
+        )
+        if state is JobState.DEAD:
+            _run_dead_hook(connection, job.id, dead_hooks)
+    return state
+
+
+def rescue_expired(
+    engine: Engine, *, now: float, dead_hooks: Mapping[str, DeadHook], limit: int = 100
+) -> list[Job]:
+    """Jobs whose worker stopped heartbeating: retry them now, or dead on their last attempt.
+
+    Returns the rescued jobs as they were (running, with the lost worker's id).
+    """
+    query = (
+        sa.select(jobs)
+        .where(jobs.c.state == JobState.RUNNING.value, jobs.c.lease_expires_at < now)
+        .order_by(jobs.c.lease_expires_at)
+        .limit(limit)
+    )
+    if engine.dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    with transaction(engine) as connection:
+        expired = [Job.from_row(row) for row in connection.execute(query).mappings()]
+        for job in expired:
+            message = (
+                f"LeaseExpired: worker {job.worker_id} stopped heartbeating during attempt "
+                f"{job.attempts} (killed or stalled); lease ended at {job.lease_expires_at}"
+            )
+            last = is_last_attempt(job.attempts, job.max_attempts)
+            connection.execute(
+                jobs.update()
+                .where(_held(job))
+                .values(
+                    state=(JobState.DEAD if last else JobState.RETRYABLE).value,
+                    run_at=now,
+                    finished_at=now if last else None,
+                    lease_expires_at=None,
+                    last_error=message,
+                )
+            )
+            _record_attempt(
+                connection, job, now=now, outcome="rescued",
+                error_type="LeaseExpired", error_message=message,
+            )
+            if last:
+                _run_dead_hook(connection, job.id, dead_hooks)
+        if expired:
+            notify_enqueued(connection)
+    return expired
+
+
+def release(engine: Engine, held: Sequence[Job], *, now: float) -> int:
+    """Give back jobs this worker holds but will not finish (shutdown): available again, and
+    the attempt is not counted against the job's budget."""
+    released = 0
+    with transaction(engine) as connection:
+        for job in held:
+            updated = connection.execute(
+                jobs.update()
+                .where(_held(job))
+                .values(
+                    state=JobState.AVAILABLE.value,
+                    attempts=jobs.c.attempts - 1,
+                    run_at=now,
+                    lease_expires_at=None,
+                    worker_id=None,
+                )
+            ).rowcount
+            if updated:
+                released += 1
+                _record_attempt(connection, job, now=now, outcome="released")
+        if released:
+            notify_enqueued(connection)
+    return released
+
+
+def _run_dead_hook(connection: Connection, job_id: int, hooks: Mapping[str, DeadHook]) -> None:
+    row = connection.execute(sa.select(jobs).where(jobs.c.id == job_id)).mappings().one()
+    dead = Job.from_row(row)
+    hook = hooks.get(dead.kind)
+    if hook is not None:
+        hook(connection, dead)
+
+
+def _record_attempt(
+    connection: Connection,
+    job: Job,
+    *,
+    now: float,
+    outcome: str,
+    error_type: str | None = None,
+    error_message: str | None = None,
+    trace: str | None = None,
+) -> None:
+    connection.execute(
+        job_attempts.insert().values(
+            job_id=job.id,
+            attempt=job.attempts,
+            worker_id=job.worker_id,
+            started_at=job.started_at if job.started_at is not None else now,
+            finished_at=now,
+            outcome=outcome,
+            error_type=error_type,
+            error_message=error_message,
+            traceback=trace,
+        )
+    )
+
+
+def _qualified_name(error: BaseException) -> str:
+    kind = type(error)
+    return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
+
+
+def _error_text(error: BaseException) -> str:
+    return f"{_qualified_name(error)}: {error}"[:MAX_ERROR_CHARS]
