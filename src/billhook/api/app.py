@@ -1,0 +1,76 @@
+"""`create_app`: the Starlette application, its routes and its shared state.
+
+`app.state` holds `settings` (secrets filled in), `engine`, `writer` (the `EventWriter`) and
+`on_enqueued`: an optional `Callable[[], None]` called after every commit that enqueued a job,
+so in-process workers can wake at once instead of at their next poll.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+
+from sqlalchemy.engine import Engine
+from starlette.applications import Starlette
+from starlette.routing import BaseRoute
+
+from billhook.api import health, metrics, webhooks
+from billhook.api.errors import EXCEPTION_HANDLERS
+from billhook.config import Settings
+from billhook.ingest import EventWriter
+from billhook.secrets import announcement, ensure_secrets
+from billhook.sources.standard import decode_secret
+from billhook.store.engine import create_engine
+
+
+def assemble_routes(settings: Settings, engine: Engine) -> list[BaseRoute]:
+    """Every route of the app, in one place.
+
+    The webhook hot path stays on plain Starlette routes. Other surfaces mount here, e.g. the
+    admin API: `Mount("/api/v1", app=create_admin_app(settings, engine))`.
+    """
+    return [*webhooks.routes(), *health.routes(), *metrics.routes()]
+
+
+def create_app(
+    settings: Settings,
+    engine: Engine | None = None,
+    *,
+    extra_routes: Sequence[BaseRoute] = (),
+    on_enqueued: Callable[[], None] | None = None,
+) -> Starlette:
+    """The HTTP app. Starts even when the database is down: it answers 503 until it is back."""
+    settings = _with_secrets(settings)
+    owns_engine = engine is None
+    store = engine if engine is not None else create_engine(settings.database_url)
+    writer = EventWriter(store, max_attempts=settings.max_attempts)
+
+    @asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            writer.close()
+            if owns_engine:
+                store.dispose()
+
+    app = Starlette(
+        routes=[*assemble_routes(settings, store), *extra_routes],
+        exception_handlers=EXCEPTION_HANDLERS,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = store
+    app.state.writer = writer
+    app.state.on_enqueued = on_enqueued
+    return app
+
+
+def _with_secrets(settings: Settings) -> Settings:
+    settings, generated = ensure_secrets(settings)
+    if generated:
+        print(announcement(generated), file=sys.stderr, flush=True)
+    for secret in settings.standard_secrets:
+        decode_secret(secret)  # a malformed secret is a start-up error, not a stream of 400s
+    return settings

@@ -1,0 +1,139 @@
+"""`EventWriter`: one thread that commits the deliveries arriving together in one transaction.
+
+One commit per delivery caps ingest at the database's commit rate; grouping the deliveries that
+are waiting when the previous commit finishes lifts that cap, and each caller is still answered
+only after the commit that holds its delivery. No delivery waits for others to arrive: a lone
+delivery is committed alone, at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy.engine import Engine
+
+from billhook.errors import BillhookError, StoreUnavailable
+from billhook.observability import get_logger
+from billhook.sources import IncomingEvent
+from billhook.store.events import Arrival, Recorded, record_many
+
+MAX_BATCH = 256
+
+log = get_logger(__name__)
+
+
+@dataclass(slots=True)
+class _Pending:
+    arrival: Arrival
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Recorded]
+
+
+class EventWriter:
+    """Submit verified events from the event loop; a background thread stores them."""
+
+    def __init__(
+        self, engine: Engine, *, max_attempts: int, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._engine = engine
+        self._max_attempts = max_attempts
+        self._clock = clock
+        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    async def store(self, event: IncomingEvent, received_at: float) -> Recorded:
+        """Return once the delivery is committed; raise `StoreUnavailable` if it cannot be."""
+        self._ensure_started()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Recorded] = loop.create_future()
+        self._queue.put(_Pending(Arrival(event, received_at), loop, future))
+        return await future
+
+    def close(self) -> None:
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(None)
+            thread.join()
+
+    def _ensure_started(self) -> None:
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._run, name="billhook-event-writer", daemon=True
+                    )
+                    self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < MAX_BATCH:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            self._commit(batch)
+            if stop:
+                return
+
+    def _commit(self, batch: list[_Pending]) -> None:
+        try:
+            results = record_many(
+                self._engine,
+                [p.arrival for p in batch],
+                now=self._clock(),
+                max_attempts=self._max_attempts,
+            )
+        except StoreUnavailable as exc:
+            for pending in batch:
+                _settle(pending, error=exc)
+            return
+        except Exception as exc:
+            if len(batch) > 1:
+                # One bad delivery must not fail the others: store them one by one.
+                for pending in batch:
+                    self._commit([pending])
+                return
+            event_id = batch[0].arrival.event.event_id
+            log.error("ingest write failed", error=repr(exc), event_id=event_id)
+            _settle(batch[0], error=_as_unavailable(exc))
+            return
+        for pending, result in zip(batch, results, strict=True):
+            _settle(pending, result=result)
+
+
+
+def _as_unavailable(exc: Exception) -> BillhookError:
+    return StoreUnavailable(f"the database refused the write ({type(exc).__name__})")
+
+
+def _settle(
+    pending: _Pending, *, result: Recorded | None = None, error: BaseException | None = None
+) -> None:
+    def _resolve() -> None:
+        if pending.future.done():  # the client went away; the outcome stands regardless
+            return
+        if error is not None:
+            pending.future.set_exception(error)
+        else:
+            assert result is not None
+            pending.future.set_result(result)
+
+    with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
+        pending.loop.call_soon_threadsafe(_resolve)
