@@ -29,6 +29,7 @@ from billhook.store.schema import audit_log
 
 T = TypeVar("T")
 
+CLI_ACTOR_PREFIX = "cli:"
 OUTCOME_STARTED = "started"
 OUTCOME_OK = "ok"
 MAX_LIMIT = 1000
@@ -52,7 +53,7 @@ def cli_actor() -> str:
         user = getpass.getuser()
     except (KeyError, OSError):  # no passwd entry (some containers)
         user = "unknown"
-    return f"cli:{user}"
+    return f"{CLI_ACTOR_PREFIX}{user}"
 
 
 def perform(

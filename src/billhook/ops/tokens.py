@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from billhook.errors import Forbidden, InvalidRequest, NotFound, Unauthorized
-from billhook.ops.audit import perform
+from billhook.ops.audit import CLI_ACTOR_PREFIX, perform
 from billhook.store.engine import transaction
 from billhook.store.schema import api_tokens
 
@@ -210,6 +210,9 @@ def _check_name(name: str) -> None:
             f"token name must be 1 to {MAX_NAME_LENGTH} printable characters "
             f"without surrounding spaces, got {name!r}"
         )
+    # The name is the audit actor; `cli:` is how command-line actions are recorded.
+    if name.startswith(CLI_ACTOR_PREFIX):
+        raise InvalidRequest(f"token names may not start with {CLI_ACTOR_PREFIX!r}: {name!r}")
 
 
 def _info(row: sa.RowMapping) -> TokenInfo:
