@@ -1,0 +1,1 @@
+"""`billhook simulate`: a hostile fake billing provider, and the checker that judges a receiver."""
