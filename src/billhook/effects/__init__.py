@@ -1,0 +1,26 @@
+"""The effect dispatcher: a transactional outbox of emails and downstream webhooks, sent once.
+
+Modules: `outbox` (enqueue intents inside the billing transaction, the backlog count),
+`render` (the email: Message-ID, Babel amounts, Jinja2 templates), `mailer` (SMTP or Maildir
+hand-over), `webhook` (signed downstream POST), `dispatcher` (the `EffectDispatcher` service:
+claim, send, record), `deadletter` (list and redrive dead effects), `timeline` (each effect of an
+invoice with its attempts, for explain), `metrics`.
+"""
+
+from billhook.effects.deadletter import DeadEffect, list_dead_effects, redrive_effect
+from billhook.effects.dispatcher import EffectDispatcher
+from billhook.effects.outbox import EffectIntent, effects_backlog, enqueue_effects
+from billhook.effects.timeline import EffectAttemptRecord, EffectHistory, effect_timeline
+
+__all__ = [
+    "DeadEffect",
+    "EffectAttemptRecord",
+    "EffectDispatcher",
+    "EffectHistory",
+    "EffectIntent",
+    "effect_timeline",
+    "effects_backlog",
+    "enqueue_effects",
+    "list_dead_effects",
+    "redrive_effect",
+]

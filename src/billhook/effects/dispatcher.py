@@ -1,0 +1,432 @@
+"""`EffectDispatcher`: claim due outbox rows, hand each over (SMTP / Maildir / webhook), record it.
+
+Lifecycle of a row: pending -> sending -> sent, or -> retryable (backoff) -> ... -> dead.
+The crash window is closed by ordering, not hope:
+
+1. claim: the row becomes `sending` with a lease (one commit per batch);
+2. before each hand-over an `effect_attempts` row `sending` is committed (renewing the lease);
+3. hand over; 4. the row becomes `sent` and the attempt `sent` (one commit).
+
+A dispatcher that dies between 3 and 4 leaves a `sending` row with an open attempt. Once the lease
+runs out, the next claim finds that open attempt, knows the message may already be delivered,
+closes it, bumps `resends` and sends again under the same Message-ID / Idempotency-Key (the
+successful attempt is recorded `resent`). A row reclaimed without an open attempt was never handed
+over, so it is a plain retry. Without a crash, each row is handed over exactly once.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from email.message import EmailMessage
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from billhook.config import Settings
+from billhook.effects.mailer import Mailer, mailer_from_settings
+from billhook.effects.metrics import EFFECTS_DEAD, EFFECTS_FAILED, EFFECTS_RESENT, EFFECTS_SENT
+from billhook.effects.render import EffectUnsendable, render_email
+from billhook.effects.webhook import WebhookSender, webhook_sender_from_settings
+from billhook.errors import StoreUnavailable
+from billhook.observability import get_logger
+from billhook.queue.retry import next_run_at
+from billhook.store.engine import transaction
+from billhook.store.schema import effect_attempts, effects, invoices
+
+DEFAULT_BATCH_SIZE = 20
+_IN_DOUBT_ERROR = (
+    "lease expired after the message was handed over (dispatcher stopped?); "
+    "delivery unknown, sent again under the same key"
+)
+_log = get_logger("billhook.effects")
+
+
+@dataclass(frozen=True)
+class _Claimed:
+    id: int
+    idempotency_key: str
+    kind: str
+    channel: str
+    invoice_id: str | None
+    payload: dict[str, Any]
+    attempts: int
+    max_attempts: int
+    resends: int
+    created_at: float
+    recipient: str | None = None
+
+
+class EffectDispatcher:
+    """The outbox service: `run_once()` claims and sends one batch; `run_forever()` loops it."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        settings: Settings,
+        *,
+        clock: Callable[[], float] = time.time,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        lease_seconds: float | None = None,
+        mailer: Mailer | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._engine = engine
+        self._settings = settings
+        self._clock = clock
+        self._batch_size = batch_size
+        self._lease = lease_seconds if lease_seconds is not None else settings.lease_seconds
+        self._mailer = mailer if mailer is not None else mailer_from_settings(settings)
+        self._webhook: WebhookSender | None = webhook_sender_from_settings(settings)
+        self._rng = rng if rng is not None else random.Random()
+        self._postgres = engine.dialect.name == "postgresql"
+
+    @property
+    def mailer(self) -> Mailer:
+        return self._mailer
+
+    def run_once(self) -> int:
+        """Claim up to one batch of due effects and deliver them; returns how many were claimed."""
+        claimed = self._claim(self._clock())
+        for effect in claimed:
+            self._deliver(effect)
+        return len(claimed)
+
+    def run_forever(self, stop: threading.Event) -> None:
+        _log.info("effect dispatcher started", mail=self._mailer.description)
+        try:
+            while not stop.is_set():
+                try:
+                    claimed = self.run_once()
+                except StoreUnavailable as exc:
+                    _log.warning("effect dispatcher: store unavailable", error=str(exc))
+                    claimed = 0
+                except Exception:
+                    _log.exception("effect dispatcher: unexpected error; continuing")
+                    claimed = 0
+                if claimed < self._batch_size:
+                    stop.wait(self._settings.poll_interval_seconds)
+        finally:
+            self.close()
+            _log.info("effect dispatcher stopped")
+
+    def close(self) -> None:
+        self._mailer.close()
+        if self._webhook is not None:
+            self._webhook.close()
+
+    # -- claim -------------------------------------------------------------------------------
+
+    def _claim(self, now: float) -> list[_Claimed]:
+        with transaction(self._engine) as connection:
+            self._bury_exhausted(connection, now)
+            expired = sa.and_(effects.c.state == "sending", effects.c.lease_expires_at <= now)
+            rescued = self._claim_where(connection, expired, now, self._batch_size)
+            due = sa.and_(effects.c.state.in_(("pending", "retryable")), effects.c.run_at <= now)
+            fresh = self._claim_where(connection, due, now, self._batch_size - len(rescued))
+            in_doubt = self._close_open_attempts(connection, [e.id for e in rescued], now)
+            if in_doubt:
+                connection.execute(
+                    sa.update(effects)
+                    .where(effects.c.id.in_(in_doubt))
+                    .values(resends=effects.c.resends + 1)
+                )
+            rescued = [
+                replace(e, resends=e.resends + 1) if e.id in in_doubt else e for e in rescued
+            ]
+            claimed = self._with_recipients(connection, rescued + fresh)
+        for effect in claimed:
+            if effect.id in in_doubt:
+                EFFECTS_RESENT.labels(effect.channel, effect.kind).inc()
+                _log.warning(
+                    "effect in doubt: resending under the same key",
+                    effect_id=effect.id,
+                    key=effect.idempotency_key,
+                )
+        return claimed
+
+    def _due_ids(self, condition: sa.ColumnElement[bool], limit: int) -> sa.Select[Any]:
+        query = sa.select(effects.c.id).where(condition).order_by(effects.c.run_at).limit(limit)
+        if self._postgres:
+            query = query.with_for_update(skip_locked=True)
+        return query
+
+    def _claim_where(
+        self, connection: Connection, condition: sa.ColumnElement[bool], now: float, limit: int
+    ) -> list[_Claimed]:
+        if limit <= 0:
+            return []
+        rows = connection.execute(
+            sa.update(effects)
+            .where(effects.c.id.in_(self._due_ids(condition, limit)))
+            .values(
+                state="sending",
+                attempts=effects.c.attempts + 1,
+                lease_expires_at=now + self._lease,
+            )
+            .returning(
+                effects.c.id,
+                effects.c.idempotency_key,
+                effects.c.kind,
+                effects.c.channel,
+                effects.c.invoice_id,
+                effects.c.payload,
+                effects.c.attempts,
+                effects.c.max_attempts,
+                effects.c.resends,
+                effects.c.created_at,
+            )
+        ).all()
+        return sorted(
+            (
+                _Claimed(
+                    id=row.id,
+                    idempotency_key=row.idempotency_key,
+                    kind=row.kind,
+                    channel=row.channel,
+                    invoice_id=row.invoice_id,
+                    payload=orjson.loads(row.payload),
+                    attempts=row.attempts,
+                    max_attempts=row.max_attempts,
+                    resends=row.resends,
+                    created_at=row.created_at,
+                )
+                for row in rows
+            ),
+            key=lambda effect: effect.id,
+        )
+
+    def _bury_exhausted(self, connection: Connection, now: float) -> None:
+        """A lease that ran out on the last attempt: dead-letter instead of looping on a crash."""
+        condition = sa.and_(
+            effects.c.state == "sending",
+            effects.c.lease_expires_at <= now,
+            effects.c.attempts >= effects.c.max_attempts,
+        )
+        rows = connection.execute(
+            sa.update(effects)
+            .where(effects.c.id.in_(self._due_ids(condition, self._batch_size)))
+            .values(
+                state="dead",
+                lease_expires_at=None,
+                last_error=(
+                    "the dispatcher stopped during the last attempt (lease expired); the "
+                    "message may or may not have been delivered; redrive to send it again "
+                    "under the same key"
+                ),
+            )
+            .returning(effects.c.id, effects.c.kind, effects.c.channel)
+        ).all()
+        self._close_open_attempts(connection, [row.id for row in rows], now)
+        for row in rows:
+            EFFECTS_DEAD.labels(row.channel, row.kind).inc()
+
+    def _close_open_attempts(
+        self, connection: Connection, effect_ids: list[int], now: float
+    ) -> set[int]:
+        """Close attempts a dead dispatcher left `sending`; returns the effects they belong to."""
+        if not effect_ids:
+            return set()
+        open_attempts = sa.and_(
+            effect_attempts.c.effect_id.in_(effect_ids),
+            effect_attempts.c.outcome == "sending",
+            effect_attempts.c.finished_at.is_(None),
+        )
+        rows = connection.execute(
+            sa.update(effect_attempts)
+            .where(open_attempts)
+            .values(finished_at=now, error=_IN_DOUBT_ERROR)
+            .returning(effect_attempts.c.effect_id)
+        ).all()
+        return {row.effect_id for row in rows}
+
+    def _with_recipients(self, connection: Connection, claimed: list[_Claimed]) -> list[_Claimed]:
+        """The intent's email, else the invoice's current one (set it, then redrive)."""
+        missing = {
+            e.invoice_id
+            for e in claimed
+            if e.channel == "email" and not e.payload.get("customer_email") and e.invoice_id
+        }
+        current: dict[str, str | None] = {}
+        if missing:
+            current = {
+                row.id: row.customer_email
+                for row in connection.execute(
+                    sa.select(invoices.c.id, invoices.c.customer_email).where(
+                        invoices.c.id.in_(missing)
+                    )
+                )
+            }
+        return [
+            replace(
+                e,
+                recipient=e.payload.get("customer_email") or current.get(e.invoice_id or ""),
+            )
+            if e.channel == "email"
+            else e
+            for e in claimed
+        ]
+
+    # -- deliver -----------------------------------------------------------------------------
+
+    def _deliver(self, effect: _Claimed) -> None:
+        try:
+            message = self._prepare(effect)
+        except EffectUnsendable as exc:
+            self._record_failure(effect, None, str(exc), permanent=True)
+            return
+        attempt_id = self._open_attempt(effect)
+        if attempt_id is None:
+            _log.warning("effect lease lost before hand-over; skipped", effect_id=effect.id)
+            return
+        try:
+            self._hand_over(effect, message)
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            self._record_failure(effect, attempt_id, error, permanent=False)
+            return
+        self._record_sent(effect, attempt_id)
+
+    def _prepare(self, effect: _Claimed) -> EmailMessage | None:
+        if effect.channel == "webhook":
+            if self._webhook is None:
+                raise EffectUnsendable(
+                    f"effect {effect.idempotency_key} is a webhook but BILLHOOK_EFFECT_WEBHOOK_URL "
+                    "is not set; set it (and BILLHOOK_EFFECT_WEBHOOK_SECRET) and redrive"
+                )
+            return None
+        return render_email(
+            kind=effect.kind,
+            idempotency_key=effect.idempotency_key,
+            payload=effect.payload,
+            recipient=effect.recipient,
+            created_at=effect.created_at,
+            settings=self._settings,
+        )
+
+    def _hand_over(self, effect: _Claimed, message: EmailMessage | None) -> None:
+        if message is not None:
+            self._mailer.send(
+                message, sender=self._settings.mail_from, recipient=effect.recipient or ""
+            )
+            return
+        assert self._webhook is not None
+        self._webhook.send(
+            kind=effect.kind,
+            idempotency_key=effect.idempotency_key,
+            payload=effect.payload,
+            now=self._clock(),
+        )
+
+    # -- record ------------------------------------------------------------------------------
+
+    def _ours(self, effect: _Claimed) -> sa.ColumnElement[bool]:
+        # A dispatcher that reclaimed the row after our lease ran out has bumped `attempts`.
+        return sa.and_(
+            effects.c.id == effect.id,
+            effects.c.state == "sending",
+            effects.c.attempts == effect.attempts,
+        )
+
+    def _open_attempt(self, effect: _Claimed) -> int | None:
+        now = self._clock()
+        with transaction(self._engine) as connection:
+            renewed = connection.execute(
+                sa.update(effects)
+                .where(self._ours(effect))
+                .values(lease_expires_at=now + self._lease)
+            ).rowcount
+            if not renewed:
+                return None
+            return _insert_attempt(connection, effect.id, now, "sending", None, finished=False)
+
+    def _record_sent(self, effect: _Claimed, attempt_id: int) -> None:
+        now = self._clock()
+        with transaction(self._engine) as connection:
+            recorded = connection.execute(
+                sa.update(effects)
+                .where(self._ours(effect))
+                .values(state="sent", sent_at=now, lease_expires_at=None, last_error=None)
+            ).rowcount
+            connection.execute(
+                sa.update(effect_attempts)
+                .where(effect_attempts.c.id == attempt_id)
+                .values(outcome="resent" if effect.resends else "sent", finished_at=now)
+            )
+        if not recorded:
+            _log.warning("effect sent after its lease was lost", effect_id=effect.id)
+        EFFECTS_SENT.labels(effect.channel, effect.kind).inc()
+
+    def _record_failure(
+        self, effect: _Claimed, attempt_id: int | None, error: str, *, permanent: bool
+    ) -> None:
+        now = self._clock()
+        dead = permanent or effect.attempts >= effect.max_attempts
+        values: dict[str, Any] = {"lease_expires_at": None, "last_error": error}
+        if dead:
+            values["state"] = "dead"
+        else:
+            values["state"] = "retryable"
+            values["run_at"] = next_run_at(
+                now,
+                effect.attempts,
+                self._settings.retry_base_seconds,
+                self._settings.retry_max_seconds,
+                self._rng,
+            )
+        with transaction(self._engine) as connection:
+            if attempt_id is None:
+                _insert_attempt(connection, effect.id, now, "failed", error, finished=True)
+            else:
+                connection.execute(
+                    sa.update(effect_attempts)
+                    .where(effect_attempts.c.id == attempt_id)
+                    .values(outcome="failed", finished_at=now, error=error)
+                )
+            connection.execute(sa.update(effects).where(self._ours(effect)).values(**values))
+        EFFECTS_FAILED.labels(effect.channel, effect.kind).inc()
+        if dead:
+            EFFECTS_DEAD.labels(effect.channel, effect.kind).inc()
+        _log.warning(
+            "effect dead" if dead else "effect failed; will retry",
+            effect_id=effect.id,
+            key=effect.idempotency_key,
+            attempts=effect.attempts,
+            error=error,
+        )
+
+
+def _insert_attempt(
+    connection: Connection,
+    effect_id: int,
+    now: float,
+    outcome: str,
+    error: str | None,
+    *,
+    finished: bool,
+) -> int:
+    # Numbered over the effect's whole history, so attempts after a redrive keep counting up.
+    previous = connection.execute(
+        sa.select(sa.func.count())
+        .select_from(effect_attempts)
+        .where(effect_attempts.c.effect_id == effect_id)
+    ).scalar_one()
+    return int(
+        connection.execute(
+            sa.insert(effect_attempts)
+            .values(
+                effect_id=effect_id,
+                attempt=int(previous) + 1,
+                started_at=now,
+                finished_at=now if finished else None,
+                outcome=outcome,
+                error=error,
+            )
+            .returning(effect_attempts.c.id)
+        ).scalar_one()
+    )

@@ -1,0 +1,90 @@
+"""Write effect intents into the `effects` outbox, in the caller's (billing) transaction."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine
+
+from billhook.config import Settings
+from billhook.store.schema import effects
+
+WEBHOOK_KEY_SUFFIX = ":webhook"
+BACKLOG_STATES = ("pending", "sending", "retryable")
+
+
+class EffectIntent(Protocol):
+    """What the billing model asks for: one effect, under one idempotency key."""
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def idempotency_key(self) -> str: ...
+
+    @property
+    def payload(self) -> Mapping[str, Any]: ...
+
+
+def enqueue_effects(
+    connection: Connection,
+    intents: Iterable[EffectIntent],
+    *,
+    invoice_id: str | None,
+    event_pk: int | None,
+    now: float,
+    settings: Settings,
+) -> int:
+    """Insert one email row per intent (and one webhook row when a downstream URL is set).
+
+    A key already in the outbox is skipped by the database (`ON CONFLICT DO NOTHING`), so
+    re-applying an event never enqueues its effects twice. Returns the rows actually inserted.
+    """
+    rows: list[dict[str, Any]] = []
+    for intent in intents:
+        payload = orjson.dumps(dict(intent.payload)).decode()
+        channels = [("email", intent.idempotency_key)]
+        if settings.effect_webhook_url:
+            channels.append(("webhook", intent.idempotency_key + WEBHOOK_KEY_SUFFIX))
+        for channel, key in channels:
+            rows.append(
+                {
+                    "idempotency_key": key,
+                    "kind": str(intent.kind),
+                    "channel": channel,
+                    "invoice_id": invoice_id,
+                    "event_pk": event_pk,
+                    "payload": payload,
+                    "state": "pending",
+                    "attempts": 0,
+                    "max_attempts": settings.max_attempts,
+                    "resends": 0,
+                    "run_at": now,
+                    "created_at": now,
+                }
+            )
+    if not rows:
+        return 0
+    dialect_insert = postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert
+    statement = (
+        dialect_insert(effects)
+        .values(rows)
+        .on_conflict_do_nothing(index_elements=[effects.c.idempotency_key])
+        .returning(effects.c.id)
+    )
+    return len(connection.execute(statement).all())
+
+
+def effects_backlog(engine: Engine) -> int:
+    """Effects not yet sent nor dead (what `billhook status` shows as `effects_pending`)."""
+    with engine.connect() as connection:
+        count = connection.execute(
+            sa.select(sa.func.count())
+            .select_from(effects)
+            .where(effects.c.state.in_(BACKLOG_STATES))
+        ).scalar_one()
+    return int(count)
