@@ -15,6 +15,7 @@ thread pool and the event loop never blocks on the database.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -44,6 +45,7 @@ from billhook.ops import audit as audit_ops
 from billhook.ops import events as event_ops
 from billhook.ops import invoices as invoice_ops
 from billhook.ops.pages import DEFAULT_LIMIT, MAX_LIMIT
+from billhook.ops.status import Status, read_status
 from billhook.ops.tokens import Principal, authenticate
 
 T = TypeVar("T")
@@ -109,6 +111,11 @@ _Since = Query(None, ge=0, allow_inf_nan=False, description="Epoch seconds, incl
 _Until = Query(None, ge=0, allow_inf_nan=False, description="Epoch seconds, exclusive.")
 _Limit = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT)
 _Cursor = Query(None, description="`next_cursor` of the previous page.")
+
+
+@router.get("/status", tags=["operations"])
+def get_status(request: Request, _: Principal = Depends(viewer)) -> Status:
+    return read_status(engine_of(request), now=time.time())
 
 
 @router.get("/invoices/{invoice_id}", tags=["invoices"])

@@ -13,9 +13,11 @@ from contextlib import asynccontextmanager
 
 from sqlalchemy.engine import Engine
 from starlette.applications import Starlette
-from starlette.routing import BaseRoute
+from starlette.routing import BaseRoute, Mount
 
 from billhook.api import health, metrics, webhooks
+from billhook.api.admin import PREFIX as ADMIN_PREFIX
+from billhook.api.admin import create_admin_app
 from billhook.api.errors import EXCEPTION_HANDLERS
 from billhook.config import Settings
 from billhook.ingest import EventWriter
@@ -30,7 +32,12 @@ def assemble_routes(settings: Settings, engine: Engine) -> list[BaseRoute]:
     The webhook hot path stays on plain Starlette routes. Other surfaces mount here, e.g. the
     admin API: `Mount("/api/v1", app=create_admin_app(settings, engine))`.
     """
-    return [*webhooks.routes(), *health.routes(), *metrics.routes()]
+    return [
+        *webhooks.routes(),
+        *health.routes(),
+        *metrics.routes(),
+        Mount(ADMIN_PREFIX, app=create_admin_app(settings, engine)),
+    ]
 
 
 def create_app(
