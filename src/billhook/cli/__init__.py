@@ -1,6 +1,9 @@
 """The `billhook` command line. Each module registers its commands on `app`."""
 
 from billhook.cli import migrate as _migrate  # noqa: F401
+from billhook.cli import serve as _serve  # noqa: F401
+from billhook.cli import status as _status  # noqa: F401
+from billhook.cli import trigger as _trigger  # noqa: F401
 from billhook.cli.app import app, main
 
 __all__ = ["app", "main"]
