@@ -9,6 +9,7 @@ workers wake at commit without anyone having to remember to notify.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,9 +22,9 @@ from billhook.store.schema import jobs
 NOTIFY_CHANNEL = "billhook_jobs"
 PROCESS_EVENT = "process_event"
 
-# Workers in this process wait on this event too: whoever enqueues in-process (SQLite, tests)
-# can wake them directly instead of letting them sleep until the next poll.
-_local_wakeup = threading.Event()
+# The wake-up events of the workers in this process: whoever enqueues in-process (SQLite, tests)
+# wakes them directly instead of letting them sleep until the next poll.
+_local_wakeups: weakref.WeakSet[threading.Event] = weakref.WeakSet()
 
 
 @dataclass(frozen=True)
@@ -112,8 +113,10 @@ def notify_enqueued(connection: Connection) -> None:
 
 def wake_local_workers() -> None:
     """Wake the workers of this process now; call it after the enqueueing commit."""
-    _local_wakeup.set()
+    for event in list(_local_wakeups):
+        event.set()
 
 
-def local_wakeup() -> threading.Event:
-    return _local_wakeup
+def register_local_wakeup(event: threading.Event) -> None:
+    """Have `wake_local_workers` set `event` (held weakly: a stopped worker drops out)."""
+    _local_wakeups.add(event)
