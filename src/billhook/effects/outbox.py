@@ -45,7 +45,11 @@ def enqueue_effects(
     re-applying an event never enqueues its effects twice. Returns the rows actually inserted.
     """
     rows: list[dict[str, Any]] = []
+    seen: set[str] = set()
     for intent in intents:
+        if intent.idempotency_key in seen:
+            continue
+        seen.add(intent.idempotency_key)
         payload = orjson.dumps(dict(intent.payload)).decode()
         channels = [("email", intent.idempotency_key)]
         if settings.effect_webhook_url:
