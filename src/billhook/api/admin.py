@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.engine import Engine
@@ -30,21 +30,28 @@ import billhook
 from billhook.api.admin_models import (
     AuditPage,
     AuditRecord,
+    DeadLetterPage,
     ErrorBody,
     Event,
     EventPage,
     EventWithBody,
     Invoice,
     InvoicePage,
+    JobPage,
+    Redriven,
 )
 from billhook.api.errors import error_response
 from billhook.config import Settings
 from billhook.errors import BillhookError, Forbidden, InvalidRequest, Unauthorized
 from billhook.observability import get_logger
 from billhook.ops import audit as audit_ops
+from billhook.ops import dlq
 from billhook.ops import events as event_ops
 from billhook.ops import invoices as invoice_ops
-from billhook.ops.pages import DEFAULT_LIMIT, MAX_LIMIT
+from billhook.ops import jobs as job_ops
+from billhook.ops.dlq import JobDetail
+from billhook.ops.pages import DEFAULT_LIMIT, MAX_ID, MAX_LIMIT
+from billhook.ops.pause import PauseState, set_paused
 from billhook.ops.status import Status, read_status
 from billhook.ops.tokens import Principal, authenticate
 
@@ -111,6 +118,7 @@ _Since = Query(None, ge=0, allow_inf_nan=False, description="Epoch seconds, incl
 _Until = Query(None, ge=0, allow_inf_nan=False, description="Epoch seconds, exclusive.")
 _Limit = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT)
 _Cursor = Query(None, description="`next_cursor` of the previous page.")
+_JobId = Path(ge=1, le=MAX_ID)
 
 
 @router.get("/status", tags=["operations"])
@@ -186,6 +194,72 @@ def get_event(
 ) -> EventWithBody:
     detail = event_ops.get_event(engine_of(request), _text(event_id), source=_text(source))
     return EventWithBody.from_detail(detail)
+
+
+@router.get("/jobs", tags=["queue"])
+def list_jobs(
+    request: Request,
+    state: str | None = Query(None, description="available, running, retryable, completed, dead"),
+    ordering_key: str | None = Query(None, description="Usually the invoice id."),
+    limit: int = _Limit,
+    cursor: str | None = _Cursor,
+    _: Principal = Depends(viewer),
+) -> JobPage:
+    page = job_ops.list_jobs(
+        engine_of(request),
+        state=_text(state),
+        ordering_key=_text(ordering_key),
+        limit=limit,
+        cursor=_text(cursor),
+    )
+    return JobPage(items=page.items, next_cursor=page.next_cursor)
+
+
+@router.get("/jobs/{job_id}", tags=["queue"])
+def get_job(job_id: int = _JobId, *, request: Request, _: Principal = Depends(viewer)) -> JobDetail:
+    return dlq.show_job(engine_of(request), job_id)
+
+
+@router.get("/dead-letters", tags=["queue"])
+def list_dead_letters(
+    request: Request,
+    type: str | None = Query(None, description="Only jobs whose event has this type."),
+    limit: int = Query(100, ge=1, le=dlq.MAX_LIMIT),
+    after_id: int | None = Query(None, ge=0, le=MAX_ID, description="Last job_id seen."),
+    _: Principal = Depends(viewer),
+) -> DeadLetterPage:
+    items = dlq.list_dead(
+        engine_of(request), event_type=_text(type), limit=limit, after_id=after_id
+    )
+    return DeadLetterPage(
+        items=items, next_after_id=items[-1].job_id if len(items) == limit else None
+    )
+
+
+@router.post("/dead-letters/{job_id}/redrive", tags=["queue"])
+def redrive_dead_letter(
+    job_id: int = _JobId, *, request: Request, act: OperatorAction = Depends(operator)
+) -> Redriven:
+    settings: Settings = request.app.state.settings
+    result = act.perform(
+        "redrive",
+        {"job_ids": [job_id]},
+        lambda: dlq.redrive(
+            act.engine, now=time.time(), max_attempts=settings.max_attempts, job_ids=[job_id]
+        ),
+    )
+    return Redriven(redriven=result.count, job_ids=result.job_ids)
+
+
+@router.post("/pause", tags=["operations"])
+def pause(act: OperatorAction = Depends(operator)) -> PauseState:
+    """Stop processing; ingest keeps accepting and storing events."""
+    return act.perform("pause", {}, lambda: set_paused(act.engine, True, now=time.time()))
+
+
+@router.post("/resume", tags=["operations"])
+def resume(act: OperatorAction = Depends(operator)) -> PauseState:
+    return act.perform("resume", {}, lambda: set_paused(act.engine, False, now=time.time()))
 
 
 @router.get("/audit", tags=["audit"])

@@ -11,8 +11,10 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from billhook.ops.audit import AuditEntry
+from billhook.ops.dlq import DeadJob
 from billhook.ops.events import DeliveryView, EventDetail, EventSummary
 from billhook.ops.invoices import InvoiceView
+from billhook.queue.jobs import Job
 
 
 class ErrorBody(BaseModel):
@@ -113,3 +115,18 @@ class AuditRecord(BaseModel):
 class AuditPage(BaseModel):
     items: list[AuditRecord]
     next_before_id: int | None = Field(description="Pass as `before_id` for older entries.")
+
+
+class JobPage(BaseModel):
+    items: list[Job]
+    next_cursor: str | None
+
+
+class DeadLetterPage(BaseModel):
+    items: list[DeadJob]
+    next_after_id: int | None = Field(description="Pass as `after_id` for the next page.")
+
+
+class Redriven(BaseModel):
+    redriven: int
+    job_ids: list[int]

@@ -20,6 +20,7 @@ T = TypeVar("T")
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
+MAX_ID = 2**62
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,8 @@ def decode_cursor(cursor: str, kinds: tuple[type, ...]) -> list[Any]:
         if kind is float and isinstance(part, int) and not isinstance(part, bool):
             part = float(part)
         if not isinstance(part, kind) or isinstance(part, bool):
+            raise _bad_cursor()
+        if isinstance(part, int) and not -MAX_ID <= part <= MAX_ID:  # beyond BIGINT
             raise _bad_cursor()
         checked.append(part)
     return checked
