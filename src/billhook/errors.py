@@ -37,6 +37,12 @@ class InvalidRequest(BillhookError):
     exit_code = 2
 
 
+class UnprocessableEvent(BillhookError):
+    """A stored billing event lacks what processing needs; the message names the missing field."""
+
+    exit_code = 2
+
+
 class WebhookRejected(BillhookError):
     """An incoming delivery fails a check; `outcome` is the metrics label for it."""
 
