@@ -1,0 +1,212 @@
+"""The crash window for real: a dispatcher process is SIGKILLed after handing a message to SMTP and
+before recording it; the next dispatcher resends under the same Message-ID and counts it."""
+
+from __future__ import annotations
+
+import email
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from email.message import EmailMessage
+from email.policy import default as default_policy
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from aiosmtpd.controller import Controller
+from prometheus_client import REGISTRY
+
+from billhook.config import Settings
+from billhook.effects import EffectDispatcher, effect_timeline, enqueue_effects, list_dead_effects
+from billhook.effects.render import message_id
+from billhook.store.engine import create_engine, transaction
+from billhook.store.schema import effects
+
+LEASE_SECONDS = 30.0
+
+DISPATCHER_SCRIPT = """
+import sys
+from billhook.config import Settings
+from billhook.effects import EffectDispatcher
+from billhook.store.engine import create_engine
+url, smtp_url, lease = sys.argv[1], sys.argv[2], float(sys.argv[3])
+settings = Settings(database_url=url, smtp_url=smtp_url, lease_seconds=lease)
+EffectDispatcher(create_engine(settings.database_url), settings).run_once()
+print("recorded", flush=True)
+"""
+
+
+class Intent:
+    kind = "payment_receipt"
+    idempotency_key = "payment_receipt:in_crash"
+    payload: dict[str, Any] = {
+        "invoice_id": "in_crash",
+        "number": "C-1",
+        "currency": "usd",
+        "customer_email": "jane@example.com",
+        "amount": 4200,
+    }
+
+
+class KillOnFirstData:
+    """Accepts every message; on the first, SIGKILLs the dispatcher before answering 250."""
+
+    def __init__(self) -> None:
+        self.messages: list[EmailMessage] = []
+        self.victim: subprocess.Popen[bytes] | None = None
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        parsed = email.message_from_bytes(envelope.content, policy=default_policy)
+        assert isinstance(parsed, EmailMessage)
+        self.messages.append(parsed)
+        if len(self.messages) == 1:
+            assert self.victim is not None
+            os.kill(self.victim.pid, signal.SIGKILL)
+            self.victim.wait(timeout=10)
+        return "250 OK"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_sigkill_between_hand_over_and_record_resends_under_the_same_message_id(
+    database_url: str, tmp_path: Path
+) -> None:
+    engine = create_engine(database_url)
+    handler = KillOnFirstData()
+    port = free_port()
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        settings = Settings(
+            database_url=database_url,
+            smtp_url=f"smtp://127.0.0.1:{port}",
+            data_dir=str(tmp_path),
+            lease_seconds=LEASE_SECONDS,
+        )
+        with transaction(engine) as connection:
+            enqueue_effects(
+                connection,
+                [Intent()],
+                invoice_id="in_crash",
+                event_pk=None,
+                now=time.time(),
+                settings=settings,
+            )
+
+        victim = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                DISPATCHER_SCRIPT,
+                database_url,
+                settings.smtp_url,
+                str(LEASE_SECONDS),
+            ],
+            stdout=subprocess.PIPE,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        handler.victim = victim
+        assert victim.wait(timeout=60) == -signal.SIGKILL
+        assert victim.stdout is not None and b"recorded" not in victim.stdout.read()
+        victim.stdout.close()
+        assert len(handler.messages) == 1
+
+        with engine.connect() as connection:
+            stuck = connection.execute(sa.select(effects)).mappings().one()
+        assert stuck["state"] == "sending" and stuck["resends"] == 0
+
+        # Within the lease, nobody touches it: the first dispatcher might still be alive.
+        assert EffectDispatcher(engine, settings).run_once() == 0
+
+        resent_before = (
+            REGISTRY.get_sample_value(
+                "billhook_effects_resent_total", {"channel": "email", "kind": "payment_receipt"}
+            )
+            or 0.0
+        )
+        later = EffectDispatcher(engine, settings, clock=lambda: time.time() + LEASE_SECONDS + 1)
+        assert later.run_once() == 1
+        later.close()
+    finally:
+        controller.stop()
+
+    first, second = handler.messages
+    expected_id = message_id(Intent.idempotency_key, Intent.kind)
+    assert first["Message-ID"] == second["Message-ID"] == expected_id
+    assert first["Date"] == second["Date"]
+    with engine.connect() as connection:
+        done = connection.execute(sa.select(effects)).mappings().one()
+    assert done["state"] == "sent" and done["resends"] == 1 and done["sent_at"] is not None
+    assert (
+        REGISTRY.get_sample_value(
+            "billhook_effects_resent_total", {"channel": "email", "kind": "payment_receipt"}
+        )
+        == resent_before + 1
+    )
+
+    (history,) = effect_timeline(engine, "in_crash")
+    assert history.resends == 1 and history.state == "sent"
+    interrupted, resent = history.history
+    assert interrupted.outcome == "sending" and interrupted.finished_at is not None
+    assert "delivery unknown" in (interrupted.error or "")
+    assert resent.outcome == "resent" and resent.attempt == 2
+    assert list_dead_effects(engine) == []
+    engine.dispose()
+
+
+def test_a_lease_lost_on_the_last_attempt_is_dead_not_looped(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """A dispatcher that keeps dying on one message stops after max_attempts, with a clear error."""
+    engine = create_engine(sqlite_url)
+    handler = KillOnFirstData()
+    port = free_port()
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        settings = Settings(
+            database_url=sqlite_url,
+            smtp_url=f"smtp://127.0.0.1:{port}",
+            data_dir=str(tmp_path),
+            max_attempts=1,
+            lease_seconds=LEASE_SECONDS,
+        )
+        with transaction(engine) as connection:
+            enqueue_effects(
+                connection,
+                [Intent()],
+                invoice_id="in_crash",
+                event_pk=None,
+                now=time.time(),
+                settings=settings,
+            )
+        victim = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                DISPATCHER_SCRIPT,
+                sqlite_url,
+                settings.smtp_url,
+                str(LEASE_SECONDS),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        handler.victim = victim
+        assert victim.wait(timeout=60) == -signal.SIGKILL
+        later = EffectDispatcher(engine, settings, clock=lambda: time.time() + LEASE_SECONDS + 1)
+        assert later.run_once() == 0
+        later.close()
+    finally:
+        controller.stop()
+    assert len(handler.messages) == 1
+    (dead,) = list_dead_effects(engine)
+    assert dead.idempotency_key == Intent.idempotency_key
+    assert "may or may not have been delivered" in (dead.last_error or "")
+    engine.dispose()
