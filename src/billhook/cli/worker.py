@@ -1,0 +1,58 @@
+"""`billhook worker`: job workers (and the effect dispatcher) alone, for scaling out."""
+
+from __future__ import annotations
+
+import typer
+from sqlalchemy.engine import Engine
+
+from billhook.cli.app import app, open_engine, settings
+from billhook.config import Settings
+from billhook.observability import configure_logging, get_logger
+from billhook.queue.registry import default_registry, load_registry
+from billhook.queue.worker import Service, Worker, WorkerConfig
+
+_log = get_logger(__name__)
+
+
+@app.command()
+def worker(
+    concurrency: int = typer.Option(
+        None,
+        "--concurrency",
+        "-c",
+        min=1,
+        help="Jobs run at once (default BILLHOOK_WORKER_CONCURRENCY).",
+    ),
+    effects: bool = typer.Option(
+        True, "--effects/--no-effects", help="Also run the effect dispatcher in this process."
+    ),
+    handlers: str = typer.Option(
+        None, "--handlers", hidden=True, help="module:attr of a Registry (tests, benchmarks)."
+    ),
+) -> None:
+    """Claim and run jobs until SIGTERM/SIGINT, then finish or release them and exit 0."""
+    config = settings()
+    configure_logging(config)
+    engine = open_engine(config)
+    registry = load_registry(handlers) if handlers else default_registry()
+    services = effect_services(engine, config) if effects else []
+    runner = Worker(
+        engine, WorkerConfig.from_settings(config, concurrency), registry, services=services
+    )
+    try:
+        runner.serve_until_signalled()
+    finally:
+        for service in services:
+            close = getattr(service, "close", None)
+            if close is not None:
+                close()
+        engine.dispose()
+
+
+def effect_services(engine: Engine, config: Settings) -> list[Service]:
+    """The effect dispatcher, when this build has one."""
+    try:
+        from billhook.effects.dispatcher import EffectDispatcher
+    except ImportError:
+        return []
+    return [EffectDispatcher(engine, config)]
