@@ -1,0 +1,101 @@
+"""The ingest write on both databases: event + delivery + job in one transaction, dedupe under races."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from billhook.sources import IncomingEvent
+from billhook.store.engine import transaction
+from billhook.store.events import Arrival, record, record_many
+from billhook.store.schema import deliveries, events, jobs
+
+
+def _event(event_id: str = "evt_1", occurred_at: float | None = 1000.0) -> IncomingEvent:
+    return IncomingEvent(
+        source="stripe",
+        event_id=event_id,
+        type="invoice.paid",
+        ordering_key="in_1",
+        occurred_at=occurred_at,
+        headers={"content-type": "application/json"},
+        body=b'{"id": "' + event_id.encode() + b'"}',
+    )
+
+
+def _rows(engine: Engine, table: sa.Table) -> list[sa.Row[tuple[object, ...]]]:
+    with engine.connect() as connection:
+        return list(connection.execute(sa.select(table).order_by(table.c.id)).all())
+
+
+def test_first_delivery_stores_event_delivery_and_job(engine: Engine) -> None:
+    [result] = record_many(engine, [Arrival(_event(), 2000.0)], now=2001.0, max_attempts=7)
+    assert result.status == "accepted" and result.enqueued
+    [event] = _rows(engine, events)
+    assert (event.source, event.event_id, event.type, event.ordering_key) == (
+        "stripe",
+        "evt_1",
+        "invoice.paid",
+        "in_1",
+    )
+    assert (event.occurred_at, event.received_at, event.last_seen_at) == (1000.0, 2000.0, 2000.0)
+    assert event.delivery_count == 1 and bytes(event.body) == b'{"id": "evt_1"}'
+    assert orjson.loads(event.headers) == {"content-type": "application/json"}
+    [delivery] = _rows(engine, deliveries)
+    assert (delivery.event_pk, delivery.outcome) == (result.event_pk, "accepted")
+    [job] = _rows(engine, jobs)
+    assert (job.kind, job.event_pk, job.ordering_key, job.state) == (
+        "process_event",
+        result.event_pk,
+        "in_1",
+        "available",
+    )
+    assert (job.order_ts, job.attempts, job.max_attempts, job.run_at) == (1000.0, 0, 7, 2001.0)
+
+
+def test_duplicate_counts_and_enqueues_nothing(engine: Engine) -> None:
+    first, second = record_many(
+        engine,
+        [Arrival(_event(), 2000.0), Arrival(_event(), 2005.0)],
+        now=2006.0,
+        max_attempts=3,
+    )
+    [third] = record_many(engine, [Arrival(_event(), 2003.0)], now=2007.0, max_attempts=3)
+    assert (first.status, second.status, third.status) == ("accepted", "duplicate", "duplicate")
+    assert first.event_pk == second.event_pk == third.event_pk
+    [event] = _rows(engine, events)
+    assert event.delivery_count == 3
+    assert event.last_seen_at == 2005.0  # a late, older delivery does not move it back
+    assert [d.outcome for d in _rows(engine, deliveries)] == ["accepted", "duplicate", "duplicate"]
+    assert len(_rows(engine, jobs)) == 1
+
+
+def test_without_provider_time_the_job_orders_by_arrival(engine: Engine) -> None:
+    record_many(engine, [Arrival(_event(occurred_at=None), 2000.0)], now=2001.0, max_attempts=3)
+    [job] = _rows(engine, jobs)
+    assert job.order_ts == 2000.0
+
+
+def test_fifty_racing_transactions_store_one_event(engine: Engine) -> None:
+    """Each thread has its own connection and transaction: the database settles the race."""
+    barrier = threading.Barrier(50)
+
+    def deliver(i: int) -> str:
+        barrier.wait()
+        with transaction(engine) as connection:
+            return record(
+                connection, Arrival(_event(), 2000.0 + i), now=2000.0 + i, max_attempts=3
+            ).status
+
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        statuses = list(pool.map(deliver, range(50)))
+    assert sorted(statuses).count("accepted") == 1
+    assert statuses.count("duplicate") == 49
+    [event] = _rows(engine, events)
+    assert event.delivery_count == 50
+    assert len(_rows(engine, deliveries)) == 50
+    assert len(_rows(engine, jobs)) == 1
