@@ -160,3 +160,7 @@ def test_classify_reads_headers_first_then_the_subject() -> None:
     receipt = classify_email({}, "Receipt for invoice in_q")
     assert receipt is not None and receipt.key == (RECEIPT, "in_q", "")
     assert classify_email({}, "hello") is None
+    keyed = classify_email(
+        {"X-Billhook-Idempotency-Key": "payment_failed_notice:in_z:3"}, "Payment of $1 failed"
+    )
+    assert keyed is not None and keyed.key == ("payment_failed", "in_z", "3")

@@ -6,6 +6,7 @@ from billhook.cli import migrate as _migrate  # noqa: F401
 from billhook.cli import pause as _pause  # noqa: F401
 from billhook.cli import run as _run  # noqa: F401
 from billhook.cli import serve as _serve  # noqa: F401
+from billhook.cli import simulate as _simulate  # noqa: F401
 from billhook.cli import status as _status  # noqa: F401
 from billhook.cli import token as _token  # noqa: F401
 from billhook.cli import trigger as _trigger  # noqa: F401

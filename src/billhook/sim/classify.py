@@ -1,7 +1,8 @@
 """Which effect an email is: the one place that reads dispatcher (or naive receiver) conventions.
 
-Prefer explicit headers (`X-Billhook-Effect`, `X-Billhook-Invoice`, `X-Billhook-Ref`) when the
-sender sets them; otherwise read the subject, which names the invoice id by contract.
+Prefer what billhook's dispatcher sets: `X-Billhook-Idempotency-Key` (`kind:invoice[:ref]`, see
+`billing/intents.py`), or explicit `X-Billhook-Effect` / `-Invoice` / `-Ref` headers; otherwise
+read the subject, which names the invoice id by contract (the naive receiver's case).
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ class EffectRef:
 def classify_email(headers: Mapping[str, str], subject: str, body: str = "") -> EffectRef | None:
     """The effect this email delivers, or None when it cannot be told."""
     lowered = {k.lower(): v.strip() for k, v in headers.items()}
+    from_key = _from_idempotency_key(lowered.get("x-billhook-idempotency-key", ""))
+    if from_key is not None:
+        return from_key
     kind = _KIND_ALIASES.get(lowered.get("x-billhook-effect", "").lower())
     text = f"{subject}\n{body}"
     if kind is None:
@@ -52,6 +56,14 @@ def classify_email(headers: Mapping[str, str], subject: str, body: str = "") -> 
     if not ref and kind == PAYMENT_FAILED:
         ref = _first(_ATTEMPT, text) or ""
     return EffectRef(kind, invoice, ref)
+
+
+def _from_idempotency_key(key: str) -> EffectRef | None:
+    parts = key.split(":")
+    kind = _KIND_ALIASES.get(parts[0].lower()) if parts else None
+    if kind is None or len(parts) < 2 or not parts[1]:
+        return None
+    return EffectRef(kind, parts[1], ":".join(parts[2:]))
 
 
 def _kind_from_subject(subject: str) -> str | None:
