@@ -100,7 +100,8 @@ def test_real_stripe_events_are_stored_once_each(
 def test_stored_event_keeps_raw_bytes_and_headers_without_signature(
     server: str, database_url: str, fixtures_dir: Path
 ) -> None:
-    body = (fixtures_dir / "stripe_events" / "charge.refunded--stripe-sync-engine.json").read_bytes()
+    path = fixtures_dir / "stripe_events" / "charge.refunded--stripe-sync-engine.json"
+    body = path.read_bytes()
     headers = stripe_headers(body)
     response = httpx.post(server + "/webhooks/stripe", content=body, headers=headers)
     assert response.status_code == 200
@@ -199,6 +200,8 @@ def test_on_enqueued_hook_fires_after_commit(sqlite_url: str, tmp_path: Path) ->
     body = json.dumps({"id": "evt_hook", "type": "invoice.created"}).encode()
     with running_app(app) as base_url:
         for _ in range(2):
-            response = httpx.post(base_url + "/webhooks/stripe", content=body, headers=stripe_headers(body))
+            response = httpx.post(
+                base_url + "/webhooks/stripe", content=body, headers=stripe_headers(body)
+            )
             assert response.status_code == 200
     assert calls == [(1, 1, 1)]  # once, for the accepted one, and the job was already committed

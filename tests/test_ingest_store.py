@@ -1,4 +1,4 @@
-"""The ingest write on both databases: event + delivery + job in one transaction, dedupe under races."""
+"""The ingest write on both databases: event, delivery and job in one transaction; races."""
 
 from __future__ import annotations
 
