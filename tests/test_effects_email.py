@@ -5,6 +5,7 @@ from __future__ import annotations
 import email
 import mailbox
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -324,4 +325,28 @@ def test_without_smtp_mail_goes_to_the_maildir_beside_the_database(
     assert stored["Message-ID"] == message_id(intent.idempotency_key, intent.kind)
     assert "in_local" in stored["Subject"] and "¥5,000" in stored["Subject"]
     assert row(engine, intent.idempotency_key)["state"] == "sent"
+    engine.dispose()
+
+
+def test_run_forever_sends_what_arrives_and_stops_on_the_event(
+    sqlite_url: str, smtp: SmtpServer, tmp_path: Path
+) -> None:
+    engine = create_engine(sqlite_url)
+    settings = settings_for(sqlite_url, tmp_path, smtp_url=smtp.url, poll_interval_seconds=0.02)
+    dispatcher = EffectDispatcher(engine, settings)
+    stop = threading.Event()
+    thread = threading.Thread(target=dispatcher.run_forever, args=(stop,))
+    thread.start()
+    try:
+        enqueue(engine, settings, [receipt("in_loop", "usd", 100)], time.time())
+        deadline = time.monotonic() + 10
+        while not smtp.inbox.messages:
+            assert time.monotonic() < deadline, "run_forever did not send"
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert row(engine, "payment_receipt:in_loop")["state"] == "sent"
+    assert len(smtp.inbox.messages) == 1
     engine.dispose()
