@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from billhook.errors import MalformedPayload
+
+MAX_ID_LENGTH = 255  # the width of the id, type and ordering key columns
+
 
 @dataclass(frozen=True, slots=True)
 class IncomingEvent:
@@ -22,4 +26,11 @@ class IncomingEvent:
     body: bytes
 
 
-__all__ = ["IncomingEvent"]
+def bounded(value: str, what: str) -> str:
+    """Refuse an id the store could not hold, before it becomes a 503 the sender retries forever."""
+    if len(value) > MAX_ID_LENGTH:
+        raise MalformedPayload(f"{what} is over {MAX_ID_LENGTH} characters: send a shorter one")
+    return value
+
+
+__all__ = ["MAX_ID_LENGTH", "IncomingEvent", "bounded"]

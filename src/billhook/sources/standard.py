@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 
 from billhook.errors import ConfigError, MalformedPayload, SignatureError, TimestampError
-from billhook.sources import IncomingEvent
+from billhook.sources import IncomingEvent, bounded
 
 SOURCE = "standard"
 SECRET_PREFIX = "whsec_"
@@ -173,9 +173,9 @@ def parse(body: bytes, headers: Mapping[str, str], *, msg_id: str, signed_at: in
         )
     return IncomingEvent(
         source=SOURCE,
-        event_id=msg_id,
-        type=event["type"],
-        ordering_key=invoice_id,
+        event_id=bounded(msg_id, "webhook-id"),
+        type=bounded(event["type"], "event 'type'"),
+        ordering_key=bounded(invoice_id, "'data.invoice_id'"),
         occurred_at=parse_occurred_at(event.get("occurred_at")),
         headers={
             **{name: headers[name] for name in _KEPT_HEADERS if name in headers},

@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 
 from billhook.errors import MalformedPayload, SignatureError, TimestampError
-from billhook.sources import IncomingEvent
+from billhook.sources import IncomingEvent, bounded
 
 SOURCE = "stripe"
 SIGNATURE_HEADER = "stripe-signature"
@@ -116,9 +116,9 @@ def parse(body: bytes, headers: Mapping[str, str], *, signed_at: int) -> Incomin
     )
     return IncomingEvent(
         source=SOURCE,
-        event_id=event_id,
-        type=event_type,
-        ordering_key=ordering_key(event),
+        event_id=bounded(event_id, "event 'id'"),
+        type=bounded(event_type, "event 'type'"),
+        ordering_key=bounded(ordering_key(event), "the invoice or charge id"),
         occurred_at=occurred_at,
         headers={
             **{name: headers[name] for name in _KEPT_HEADERS if name in headers},
