@@ -11,8 +11,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from live_server import running_app
 from prometheus_client.parser import text_string_to_metric_families
+
+from billhook.api.app import create_app
+from billhook.sources import stripe
+from live_server import running_app
 from test_ingest_http import (
     STANDARD_SECRET,
     STRIPE_SECRET,
@@ -22,9 +25,6 @@ from test_ingest_http import (
     standard_headers,
     stripe_headers,
 )
-
-from billhook.api.app import create_app
-from billhook.sources import stripe
 
 LIMIT = 4096
 _CLIENT = httpx.Client()  # one client: creating one per request costs more than the request
