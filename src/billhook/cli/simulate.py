@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets as _secrets
+import tempfile
+from pathlib import Path
 
 import typer
 
@@ -14,6 +16,7 @@ from billhook.sim.checker import Report
 from billhook.sim.delivery import DeliveryOptions
 from billhook.sim.report import render_report
 from billhook.sim.runner import Backend, Echo, SimulationConfig, run_simulation
+from billhook.sim.selfhost import SelfHosted, processing_ready
 from billhook.sim.sink import SmtpSink
 
 
@@ -99,10 +102,26 @@ async def _run(config: SimulationConfig, echo: Echo) -> Report:
 
 
 async def _self_hosted(config: SimulationConfig, echo: Echo) -> Report:
-    raise ConfigError(
-        "--target URL is required for now: the self-hosted mode needs `billhook run` "
-        "(API + workers + dispatcher), which is not in this build yet"
-    )
+    if not processing_ready():
+        raise ConfigError(
+            "--target URL is required for now: the self-hosted mode needs event processing "
+            "(billhook.processing is still a placeholder in this build)"
+        )
+    with tempfile.TemporaryDirectory(prefix="billhook-sim-") as workdir, SmtpSink() as sink:
+        echo(f"SMTP sink at {sink.url}; work directory {workdir}")
+        billhook = SelfHosted(
+            Path(workdir), sink, database_url=config.database_url, seed=config.seed, echo=echo
+        )
+        try:
+            await asyncio.to_thread(billhook.start)
+            backend = billhook.backend(
+                crash_workers=config.crash_workers,
+                store_outage=config.store_outage,
+                outage_seconds=config.outage_seconds,
+            )
+            return await run_simulation(config, backend, sink, echo)
+        finally:
+            await asyncio.to_thread(billhook.stop)
 
 
 def _first_secret() -> str:
