@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 import uvicorn
 
-STARTUP_TIMEOUT_S = 20.0
+STARTUP_TIMEOUT_S = 60.0  # generous: a loaded CI machine imports slowly
 
 
 def free_port() -> int:
