@@ -10,8 +10,9 @@ from pathlib import Path
 
 import typer
 
-from billhook.cli.app import app, console, err_console, print_json
+from billhook.cli.app import app, console, err_console, print_json, settings
 from billhook.errors import ConfigError
+from billhook.observability import configure_logging
 from billhook.sim.checker import Report
 from billhook.sim.delivery import DeliveryOptions
 from billhook.sim.report import render_report
@@ -76,6 +77,8 @@ def simulate(
         converge_timeout=converge_timeout,
         namespace=_secrets.token_hex(4),
     )
+
+    configure_logging(settings())  # logs to stderr: stdout stays the report (--json)
 
     def echo(line: str) -> None:
         err_console.print(f"[dim]simulate:[/] {line}")
