@@ -5,7 +5,8 @@ The crash window is closed by ordering, not hope:
 
 1. claim: the row becomes `sending` with a lease (one commit per batch);
 2. before each hand-over an `effect_attempts` row `sending` is committed (renewing the lease);
-3. hand over; 4. the row becomes `sent` and the attempt `sent` (one commit).
+3. hand over; 4. the row becomes `sent` and the attempt `sent`, committed together with step 2
+   of the next message in the batch (one commit per message, ordering unchanged).
 
 A dispatcher that dies between 3 and 4 leaves a `sending` row with an open attempt. Once the lease
 runs out, the next claim finds that open attempt, knows the message may already be delivered,
@@ -93,8 +94,7 @@ class EffectDispatcher:
     def run_once(self) -> int:
         """Claim up to one batch of due effects and deliver them; returns how many were claimed."""
         claimed = self._claim(self._clock())
-        for effect in claimed:
-            self._deliver(effect)
+        self._deliver(claimed)
         return len(claimed)
 
     def run_forever(self, stop: threading.Event) -> None:
@@ -274,23 +274,30 @@ class EffectDispatcher:
 
     # -- deliver -----------------------------------------------------------------------------
 
-    def _deliver(self, effect: _Claimed) -> None:
-        try:
-            message = self._prepare(effect)
-        except EffectUnsendable as exc:
-            self._record_failure(effect, None, str(exc), permanent=True)
-            return
-        attempt_id = self._open_attempt(effect)
-        if attempt_id is None:
-            _log.warning("effect lease lost before hand-over; skipped", effect_id=effect.id)
-            return
-        try:
-            self._hand_over(effect, message)
-        except Exception as exc:
-            error = f"{type(exc).__name__}: {exc}"
-            self._record_failure(effect, attempt_id, error, permanent=False)
-            return
-        self._record_sent(effect, attempt_id)
+    def _deliver(self, claimed: list[_Claimed]) -> None:
+        # Each outcome is committed together with the next effect's `sending` attempt: one commit
+        # per message, and still every hand-over is preceded by its own committed attempt.
+        done: list[_Outcome] = []
+        for effect in claimed:
+            try:
+                message = self._prepare(effect)
+            except EffectUnsendable as exc:
+                done.append(_Outcome(effect, None, str(exc), permanent=True))
+                continue
+            attempt_id = self._record(done, opening=effect)
+            done = []
+            if attempt_id is None:
+                _log.warning("effect lease lost before hand-over; skipped", effect_id=effect.id)
+                continue
+            try:
+                self._hand_over(effect, message)
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+                done.append(_Outcome(effect, attempt_id, error, permanent=False))
+                continue
+            done.append(_Outcome(effect, attempt_id, None, permanent=False))
+        if done:
+            self._record(done, opening=None)
 
     def _prepare(self, effect: _Claimed) -> EmailMessage | None:
         if effect.channel == "webhook":
@@ -325,6 +332,31 @@ class EffectDispatcher:
 
     # -- record ------------------------------------------------------------------------------
 
+    def _record(self, done: list[_Outcome], *, opening: _Claimed | None) -> int | None:
+        """Commit the outcomes in `done` and, if given, open a `sending` attempt for `opening`.
+
+        Returns the opened attempt's id, or None when `opening` is no longer ours.
+        """
+        if not done and opening is None:
+            return None
+        now = self._clock()
+        attempt_id: int | None = None
+        with transaction(self._engine) as connection:
+            applied = [self._apply(connection, outcome, now) for outcome in done]
+            if opening is not None:
+                renewed = connection.execute(
+                    sa.update(effects)
+                    .where(self._ours(opening))
+                    .values(lease_expires_at=now + self._lease)
+                ).rowcount
+                if renewed:
+                    attempt_id = _insert_attempt(
+                        connection, opening.id, now, "sending", None, finished=False
+                    )
+        for outcome, ours in zip(done, applied, strict=True):
+            self._observe(outcome, lost=not ours)
+        return attempt_id
+
     def _ours(self, effect: _Claimed) -> sa.ColumnElement[bool]:
         # A dispatcher that reclaimed the row after our lease ran out has bumped `attempts`.
         return sa.and_(
@@ -333,71 +365,80 @@ class EffectDispatcher:
             effects.c.attempts == effect.attempts,
         )
 
-    def _open_attempt(self, effect: _Claimed) -> int | None:
-        now = self._clock()
-        with transaction(self._engine) as connection:
-            renewed = connection.execute(
-                sa.update(effects)
-                .where(self._ours(effect))
-                .values(lease_expires_at=now + self._lease)
-            ).rowcount
-            if not renewed:
-                return None
-            return _insert_attempt(connection, effect.id, now, "sending", None, finished=False)
-
-    def _record_sent(self, effect: _Claimed, attempt_id: int) -> None:
-        now = self._clock()
-        with transaction(self._engine) as connection:
-            recorded = connection.execute(
-                sa.update(effects)
-                .where(self._ours(effect))
-                .values(state="sent", sent_at=now, lease_expires_at=None, last_error=None)
-            ).rowcount
+    def _apply(self, connection: Connection, outcome: _Outcome, now: float) -> bool:
+        """Write one outcome; False if the row was no longer ours (its attempt is still closed)."""
+        effect = outcome.effect
+        if outcome.error is None:
+            assert outcome.attempt_id is not None
             connection.execute(
                 sa.update(effect_attempts)
-                .where(effect_attempts.c.id == attempt_id)
+                .where(effect_attempts.c.id == outcome.attempt_id)
                 .values(outcome="resent" if effect.resends else "sent", finished_at=now)
             )
-        if not recorded:
-            _log.warning("effect sent after its lease was lost", effect_id=effect.id)
-        EFFECTS_SENT.labels(effect.channel, effect.kind).inc()
-
-    def _record_failure(
-        self, effect: _Claimed, attempt_id: int | None, error: str, *, permanent: bool
-    ) -> None:
-        now = self._clock()
-        dead = permanent or effect.attempts >= effect.max_attempts
-        values: dict[str, Any] = {"lease_expires_at": None, "last_error": error}
-        if dead:
-            values["state"] = "dead"
+            values: dict[str, Any] = {
+                "state": "sent",
+                "sent_at": now,
+                "lease_expires_at": None,
+                "last_error": None,
+            }
         else:
-            values["state"] = "retryable"
-            values["run_at"] = next_run_at(
-                now,
-                effect.attempts,
-                self._settings.retry_base_seconds,
-                self._settings.retry_max_seconds,
-                self._rng,
-            )
-        with transaction(self._engine) as connection:
-            if attempt_id is None:
-                _insert_attempt(connection, effect.id, now, "failed", error, finished=True)
+            if outcome.attempt_id is None:
+                _insert_attempt(connection, effect.id, now, "failed", outcome.error, finished=True)
             else:
                 connection.execute(
                     sa.update(effect_attempts)
-                    .where(effect_attempts.c.id == attempt_id)
-                    .values(outcome="failed", finished_at=now, error=error)
+                    .where(effect_attempts.c.id == outcome.attempt_id)
+                    .values(outcome="failed", finished_at=now, error=outcome.error)
                 )
-            connection.execute(sa.update(effects).where(self._ours(effect)).values(**values))
-        EFFECTS_FAILED.labels(effect.channel, effect.kind).inc()
-        if dead:
-            EFFECTS_DEAD.labels(effect.channel, effect.kind).inc()
+            values = {"lease_expires_at": None, "last_error": outcome.error}
+            if outcome.dead:
+                values["state"] = "dead"
+            else:
+                values["state"] = "retryable"
+                values["run_at"] = next_run_at(
+                    now,
+                    effect.attempts,
+                    self._settings.retry_base_seconds,
+                    self._settings.retry_max_seconds,
+                    self._rng,
+                )
+        updated = connection.execute(
+            sa.update(effects).where(self._ours(effect)).values(**values)
+        ).rowcount
+        return bool(updated)
+
+    def _observe(self, outcome: _Outcome, *, lost: bool) -> None:
+        effect = outcome.effect
+        labels = (effect.channel, effect.kind)
+        if lost:
+            _log.warning("effect outcome recorded after its lease was lost", effect_id=effect.id)
+        if outcome.error is None:
+            EFFECTS_SENT.labels(*labels).inc()
+            return
+        EFFECTS_FAILED.labels(*labels).inc()
+        if outcome.dead:
+            EFFECTS_DEAD.labels(*labels).inc()
         _log.warning(
-            "effect dead" if dead else "effect failed; will retry",
+            "effect dead" if outcome.dead else "effect failed; will retry",
             effect_id=effect.id,
             key=effect.idempotency_key,
             attempts=effect.attempts,
-            error=error,
+            error=outcome.error,
+        )
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    effect: _Claimed
+    attempt_id: int | None
+    # None: handed over. Otherwise why it was not.
+    error: str | None
+    permanent: bool
+
+    @property
+    def dead(self) -> bool:
+        return self.error is not None and (
+            self.permanent or self.effect.attempts >= self.effect.max_attempts
         )
 
 
