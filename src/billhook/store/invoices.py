@@ -1,0 +1,146 @@
+"""Invoice rows: load the model's state, write it back under a version check, keep its story.
+
+The pure model owns the rules; this module only moves `InvoiceState` in and out of the
+`invoices` row (summary columns for queries, the whole state as JSON) and appends
+`invoice_transitions`. Every write is `UPDATE … WHERE version = :seen`, so two writers that
+raced on one invoice cannot both win: the loser retries with the fresh state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+
+from billhook.billing import Change, InvoiceState, summarize
+from billhook.errors import BillhookError
+from billhook.store.schema import charge_links, invoice_transitions, invoices
+
+
+class ConcurrentUpdate(BillhookError):
+    """Another writer changed the invoice first; the job retries on the fresh state."""
+
+
+@dataclass(frozen=True)
+class StoredInvoice:
+    state: InvoiceState
+    version: int
+    attention: str | None
+
+
+def load_invoice(connection: Connection, invoice_id: str, *, lock: bool) -> StoredInvoice | None:
+    query = sa.select(invoices.c.state, invoices.c.version, invoices.c.attention).where(
+        invoices.c.id == invoice_id
+    )
+    if lock and connection.dialect.name == "postgresql":
+        query = query.with_for_update()
+    row = connection.execute(query).first()
+    if row is None:
+        return None
+    return StoredInvoice(
+        InvoiceState.from_dict(orjson.loads(row.state)), row.version, row.attention
+    )
+
+
+def _columns(state: InvoiceState, attention: str | None, now: float) -> dict[str, Any]:
+    summary = summarize(state)
+    return {
+        "number": summary["number"],
+        "status": summary["status"],
+        "disputed": bool(summary["disputed"]),
+        "currency": summary["currency"],
+        "amount_due": summary["amount_due"] or 0,
+        "amount_paid": summary["amount_paid"] or 0,
+        "amount_refunded": summary["amount_refunded"] or 0,
+        "customer_email": summary["customer_email"],
+        "state": orjson.dumps(state.to_dict(), option=orjson.OPT_SORT_KEYS).decode(),
+        "attention": attention,
+        "updated_at": now,
+    }
+
+
+def save_invoice(
+    connection: Connection,
+    state: InvoiceState,
+    *,
+    source: str,
+    seen: StoredInvoice | None,
+    attention: str | None,
+    now: float,
+) -> None:
+    """Insert a new invoice or update the one read as `seen`; `ConcurrentUpdate` if it moved."""
+    values = _columns(state, attention, now)
+    if seen is None:
+        insert = (
+            postgresql.insert(invoices)
+            if connection.dialect.name == "postgresql"
+            else sqlite.insert(invoices)
+        )
+        statement = insert.values(
+            id=state.invoice_id, source=source, version=1, created_at=now, **values
+        ).on_conflict_do_nothing(index_elements=[invoices.c.id])
+        if connection.execute(statement.returning(invoices.c.id)).first() is None:
+            raise ConcurrentUpdate(f"invoice {state.invoice_id} was created concurrently")
+        return
+    result = connection.execute(
+        invoices.update()
+        .where(invoices.c.id == state.invoice_id, invoices.c.version == seen.version)
+        .values(version=seen.version + 1, **values)
+    )
+    if result.rowcount != 1:
+        raise ConcurrentUpdate(f"invoice {state.invoice_id} changed while this event was applied")
+
+
+def record_changes(
+    connection: Connection,
+    invoice_id: str,
+    changes: Iterable[Change],
+    *,
+    event_pk: int | None,
+    now: float,
+) -> None:
+    rows = [
+        {
+            "invoice_id": invoice_id,
+            "event_pk": event_pk,
+            "from_status": None if change.from_status is None else change.from_status.value,
+            "to_status": None if change.to_status is None else change.to_status.value,
+            "reason": change.reason,
+            "at": now,
+        }
+        for change in changes
+    ]
+    if rows:
+        connection.execute(invoice_transitions.insert(), rows)
+
+
+def link_charge(connection: Connection, charge_id: str, invoice_id: str, now: float) -> None:
+    insert = (
+        postgresql.insert(charge_links)
+        if connection.dialect.name == "postgresql"
+        else sqlite.insert(charge_links)
+    )
+    connection.execute(
+        insert.values(
+            charge_id=charge_id, invoice_id=invoice_id, created_at=now
+        ).on_conflict_do_nothing(index_elements=[charge_links.c.charge_id])
+    )
+
+
+def invoice_for_charge(connection: Connection, charge_id: str) -> str | None:
+    return connection.execute(
+        sa.select(charge_links.c.invoice_id).where(charge_links.c.charge_id == charge_id)
+    ).scalar_one_or_none()
+
+
+def charges_of(connection: Connection, invoice_id: str) -> list[str]:
+    return list(
+        connection.execute(
+            sa.select(charge_links.c.charge_id).where(charge_links.c.invoice_id == invoice_id)
+        ).scalars()
+    )
