@@ -155,8 +155,10 @@ class _Story:
             "currency": self.currency,
             "status": status,
         }
+        listing = [e for e in self.refund_list if e["id"] != refund_id]
+        self.refund_list = [entry, *listing]  # Stripe lists newest first
         if self.source == "standard":
-            data = {
+            data: dict[str, Any] = {
                 "invoice_id": INVOICE,
                 "refund": {"id": refund_id, "amount": amount, "status": status},
             }
@@ -164,8 +166,6 @@ class _Story:
                 data["amount_refunded"] = self._refunded_total()
             self.parse(self._standard("invoice.refunded", data))
             return
-        listing = [e for e in self.refund_list if e["id"] != refund_id]
-        self.refund_list = [entry, *listing]  # Stripe lists newest first
         expanded = draw(st.booleans())
         charge: dict[str, Any] = {
             "id": CHARGE,
