@@ -52,17 +52,18 @@ class Intent:
 
 
 class KillOnFirstData:
-    """Accepts every message; on the first, SIGKILLs the dispatcher before answering 250."""
+    """Accepts every message; on the n-th, SIGKILLs the dispatcher before answering 250."""
 
-    def __init__(self) -> None:
+    def __init__(self, kill_on: int = 1) -> None:
         self.messages: list[EmailMessage] = []
         self.victim: subprocess.Popen[bytes] | None = None
+        self.kill_on = kill_on
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         parsed = email.message_from_bytes(envelope.content, policy=default_policy)
         assert isinstance(parsed, EmailMessage)
         self.messages.append(parsed)
-        if len(self.messages) == 1:
+        if len(self.messages) == self.kill_on:
             assert self.victim is not None
             os.kill(self.victim.pid, signal.SIGKILL)
             self.victim.wait(timeout=10)
@@ -209,4 +210,77 @@ def test_a_lease_lost_on_the_last_attempt_is_dead_not_looped(
     (dead,) = list_dead_effects(engine)
     assert dead.idempotency_key == Intent.idempotency_key
     assert "may or may not have been delivered" in (dead.last_error or "")
+    engine.dispose()
+
+
+def receipt(invoice_id: str) -> Any:
+    class Receipt(Intent):
+        idempotency_key = f"payment_receipt:{invoice_id}"
+        payload = {**Intent.payload, "invoice_id": invoice_id}
+
+    return Receipt()
+
+
+def test_only_the_message_in_doubt_is_resent_when_a_batch_is_cut_short(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """Killed while handing over the 2nd of 3: the 1st is recorded, the 2nd is resent (counted),
+    the 3rd was never handed over, so it is sent once and not counted as a resend."""
+    engine = create_engine(sqlite_url)
+    handler = KillOnFirstData(kill_on=2)
+    port = free_port()
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        settings = Settings(
+            database_url=sqlite_url,
+            smtp_url=f"smtp://127.0.0.1:{port}",
+            data_dir=str(tmp_path),
+            lease_seconds=LEASE_SECONDS,
+        )
+        with transaction(engine) as connection:
+            for invoice_id in ("in_a", "in_b", "in_c"):
+                enqueue_effects(
+                    connection,
+                    [receipt(invoice_id)],
+                    invoice_id=invoice_id,
+                    event_pk=None,
+                    now=time.time(),
+                    settings=settings,
+                )
+        victim = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                DISPATCHER_SCRIPT,
+                sqlite_url,
+                settings.smtp_url,
+                str(LEASE_SECONDS),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        handler.victim = victim
+        assert victim.wait(timeout=60) == -signal.SIGKILL
+        later = EffectDispatcher(engine, settings, clock=lambda: time.time() + LEASE_SECONDS + 1)
+        assert later.run_once() == 2
+        later.close()
+    finally:
+        controller.stop()
+    received = [m["X-Billhook-Idempotency-Key"] for m in handler.messages]
+    assert sorted(received) == sorted(
+        [
+            "payment_receipt:in_a",
+            "payment_receipt:in_b",
+            "payment_receipt:in_b",
+            "payment_receipt:in_c",
+        ]
+    )
+    with engine.connect() as connection:
+        rows = dict(connection.execute(sa.select(effects.c.invoice_id, effects.c.resends)).all())
+    assert rows == {"in_a": 0, "in_b": 1, "in_c": 0}
+    outcomes = {
+        invoice_id: [a.outcome for a in effect_timeline(engine, invoice_id)[0].history]
+        for invoice_id in rows
+    }
+    assert outcomes == {"in_a": ["sent"], "in_b": ["sending", "resent"], "in_c": ["sent"]}
     engine.dispose()
