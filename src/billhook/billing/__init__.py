@@ -1,7 +1,8 @@
 """The pure billing core: canonical events, the invoice model, effect intents. No I/O, no clock.
 
-Modules: `events` (BillingEvent, parse_event), `invoice` (InvoiceState, apply, summarize),
-`intents` (EffectIntent and its idempotency keys), `policy` (the switchable policies).
+Modules: `events` (BillingEvent, parse_event), `state` (InvoiceState: facts and their join),
+`invoice` (apply, summarize, needs_attention), `intents` (EffectIntent and its idempotency
+keys), `policy` (the switchable policies). Policies and valid histories: docs/billing.md.
 """
 
 from billhook.billing.events import BillingEvent, EventKind, UnprocessableEvent, parse_event
