@@ -99,3 +99,17 @@ def test_fifty_racing_transactions_store_one_event(engine: Engine) -> None:
     assert event.delivery_count == 50
     assert len(_rows(engine, deliveries)) == 50
     assert len(_rows(engine, jobs)) == 1
+
+
+def test_one_batch_mixes_new_events_and_duplicates(engine: Engine) -> None:
+    record_many(engine, [Arrival(_event("evt_c"), 1990.0)], now=1990.0, max_attempts=3)
+    batch = [_event("evt_a"), _event("evt_b"), _event("evt_a"), _event("evt_c")]
+    results = record_many(
+        engine, [Arrival(e, 2000.0 + i) for i, e in enumerate(batch)], now=2010.0, max_attempts=3
+    )
+    assert [r.status for r in results] == ["accepted", "accepted", "duplicate", "duplicate"]
+    assert results[0].event_pk == results[2].event_pk != results[1].event_pk
+    by_id = {row.event_id: row for row in _rows(engine, events)}
+    assert {k: v.delivery_count for k, v in by_id.items()} == {"evt_a": 2, "evt_b": 1, "evt_c": 2}
+    assert {row.event_pk for row in _rows(engine, jobs)} == {v.id for v in by_id.values()}
+    assert [d.event_pk for d in _rows(engine, deliveries)][1:] == [r.event_pk for r in results]

@@ -47,47 +47,7 @@ def record(
     connection: Connection, arrival: Arrival, *, now: float, max_attempts: int
 ) -> Recorded:
     """Store one delivery inside the caller's transaction."""
-    event = arrival.event
-    insert = _insert_events(connection).values(
-        source=event.source,
-        event_id=event.event_id,
-        type=event.type,
-        ordering_key=event.ordering_key,
-        occurred_at=event.occurred_at,
-        received_at=arrival.received_at,
-        last_seen_at=arrival.received_at,
-        delivery_count=1,
-        headers=orjson.dumps(event.headers).decode(),
-        body=event.body,
-    )
-    insert = insert.on_conflict_do_nothing(index_elements=["source", "event_id"])
-    event_pk = connection.execute(insert.returning(events.c.id)).scalar()
-    if event_pk is not None:
-        connection.execute(
-            jobs.insert().values(
-                kind="process_event",
-                event_pk=event_pk,
-                ordering_key=event.ordering_key,
-                order_ts=(
-                    event.occurred_at if event.occurred_at is not None else arrival.received_at
-                ),
-                state="available",
-                attempts=0,
-                max_attempts=max_attempts,
-                run_at=now,
-                created_at=now,
-            )
-        )
-        status: Status = "accepted"
-    else:
-        event_pk = _count_duplicate(connection, arrival)
-        status = "duplicate"
-    connection.execute(
-        deliveries.insert().values(
-            event_pk=event_pk, received_at=arrival.received_at, outcome=status
-        )
-    )
-    return Recorded(status=status, event_pk=int(event_pk))
+    return record_batch(connection, [arrival], now=now, max_attempts=max_attempts)[0]
 
 
 def record_many(
@@ -95,7 +55,86 @@ def record_many(
 ) -> list[Recorded]:
     """Store several deliveries in one transaction (one commit): all or none."""
     with transaction(engine) as connection:
-        return [record(connection, a, now=now, max_attempts=max_attempts) for a in arrivals]
+        return record_batch(connection, arrivals, now=now, max_attempts=max_attempts)
+
+
+def record_batch(
+    connection: Connection, arrivals: Sequence[Arrival], *, now: float, max_attempts: int
+) -> list[Recorded]:
+    """Store deliveries inside the caller's transaction, a few statements for the whole batch.
+
+    The first delivery of an event not yet stored is `accepted` (event row + job); every other
+    one, earlier in the database or earlier in this batch, is a `duplicate`.
+    """
+    first: dict[tuple[str, str], int] = {}
+    for index, arrival in enumerate(arrivals):
+        first.setdefault((arrival.event.source, arrival.event.event_id), index)
+    inserted = _insert_new(connection, [arrivals[i] for i in first.values()])
+    results: list[Recorded] = []
+    new_jobs: list[dict[str, object]] = []
+    for index, arrival in enumerate(arrivals):
+        key = (arrival.event.source, arrival.event.event_id)
+        if key in inserted and first[key] == index:
+            event_pk = inserted[key]
+            results.append(Recorded("accepted", event_pk))
+            new_jobs.append(_job_values(arrival, event_pk, now, max_attempts))
+        else:
+            results.append(Recorded("duplicate", _count_duplicate(connection, arrival)))
+    if new_jobs:
+        connection.execute(jobs.insert(), new_jobs)
+    connection.execute(
+        deliveries.insert(),
+        [
+            {"event_pk": r.event_pk, "received_at": a.received_at, "outcome": r.status}
+            for a, r in zip(arrivals, results, strict=True)
+        ],
+    )
+    return results
+
+
+def _insert_new(connection: Connection, arrivals: Sequence[Arrival]) -> dict[tuple[str, str], int]:
+    """Insert the events not stored yet; return the primary keys of those this call inserted."""
+    if not arrivals:
+        return {}
+    insert = _insert_events(connection).on_conflict_do_nothing(
+        index_elements=["source", "event_id"]
+    )
+    rows = connection.execute(
+        insert.returning(events.c.id, events.c.source, events.c.event_id),
+        [
+            {
+                "source": a.event.source,
+                "event_id": a.event.event_id,
+                "type": a.event.type,
+                "ordering_key": a.event.ordering_key,
+                "occurred_at": a.event.occurred_at,
+                "received_at": a.received_at,
+                "last_seen_at": a.received_at,
+                "delivery_count": 1,
+                "headers": orjson.dumps(a.event.headers).decode(),
+                "body": a.event.body,
+            }
+            for a in arrivals
+        ],
+    ).all()
+    return {(row.source, row.event_id): int(row.id) for row in rows}
+
+
+def _job_values(
+    arrival: Arrival, event_pk: int, now: float, max_attempts: int
+) -> dict[str, object]:
+    occurred_at = arrival.event.occurred_at
+    return {
+        "kind": "process_event",
+        "event_pk": event_pk,
+        "ordering_key": arrival.event.ordering_key,
+        "order_ts": occurred_at if occurred_at is not None else arrival.received_at,
+        "state": "available",
+        "attempts": 0,
+        "max_attempts": max_attempts,
+        "run_at": now,
+        "created_at": now,
+    }
 
 
 def _count_duplicate(connection: Connection, arrival: Arrival) -> int:
