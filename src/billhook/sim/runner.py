@@ -38,6 +38,7 @@ class SimulationConfig:
     converge_timeout: float = 60.0
     settle_seconds: float = 1.0
     outage_seconds: float = 3.0
+    fault_tail_seconds: float = 2.0
     namespace: str = ""
 
 
@@ -72,6 +73,8 @@ async def run_simulation(
         f"{len(histories)} invoices, {sum(len(h.events) for h in histories)} events, "
         f"{len(plan)} planned deliveries to {backend.base_url} (seed {config.seed})"
     )
+    # Faults strike while the provider delivers (and a moment after); then the receiver must
+    # converge on its own. Killing workers forever would only prove nothing can progress.
     done = asyncio.Event()
     fault_tasks: list[asyncio.Task[None]] = [
         asyncio.create_task(fault(done)) for fault in backend.faults
@@ -93,6 +96,7 @@ async def run_simulation(
         )
         delivered_at = time.monotonic()
         echo(f"delivered in {delivered_at - started:.2f}s; waiting for convergence")
+        asyncio.get_running_loop().call_later(config.fault_tail_seconds, done.set)
         observation = await _await_convergence(config, backend, sink, histories, log)
     finally:
         done.set()
