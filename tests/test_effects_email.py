@@ -350,3 +350,42 @@ def test_run_forever_sends_what_arrives_and_stops_on_the_event(
     assert row(engine, "payment_receipt:in_loop")["state"] == "sent"
     assert len(smtp.inbox.messages) == 1
     engine.dispose()
+
+
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
+def test_smtp_url_credentials_are_used_to_log_in(sqlite_url: str, tmp_path: Path) -> None:
+    from aiosmtpd.smtp import AuthResult, LoginPassword
+
+    logins: list[tuple[bytes, bytes]] = []
+
+    def authenticator(server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> Any:
+        assert isinstance(data, LoginPassword)
+        logins.append((data.login, data.password))
+        return AuthResult(success=data.login == b"billing" and data.password == b"p@ss:word")
+
+    inbox = Inbox()
+    port = free_port()
+    controller = Controller(
+        inbox,
+        hostname="127.0.0.1",
+        port=port,
+        authenticator=authenticator,
+        auth_required=True,
+        auth_require_tls=False,
+    )
+    controller.start()
+    try:
+        engine = create_engine(sqlite_url)
+        settings = settings_for(
+            sqlite_url, tmp_path, smtp_url=f"smtp://billing:p%40ss%3Aword@127.0.0.1:{port}"
+        )
+        enqueue(engine, settings, [receipt("in_auth", "usd", 100)], 1.0)
+        dispatcher = EffectDispatcher(engine, settings)
+        assert dispatcher.run_once() == 1
+        dispatcher.close()
+    finally:
+        controller.stop()
+    assert logins == [(b"billing", b"p@ss:word")]
+    assert len(inbox.messages) == 1
+    assert row(engine, "payment_receipt:in_auth")["state"] == "sent"
+    engine.dispose()
