@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse
@@ -54,8 +54,17 @@ from billhook.ops.pages import DEFAULT_LIMIT, MAX_ID, MAX_LIMIT
 from billhook.ops.pause import PauseState, set_paused
 from billhook.ops.status import Status, read_status
 from billhook.ops.tokens import Principal, authenticate
+from billhook.queue.states import JobState
 
 T = TypeVar("T")
+
+# Closed sets as Literals, so the schema lists them and FastAPI refuses others with a 422.
+# tests/test_admin_schema.py checks they match the store's and the use cases' own lists.
+InvoiceStatus = Literal[
+    "draft", "open", "paid", "partially_refunded", "refunded", "void", "uncollectible"
+]
+EventOutcome = Literal["pending", "processed", "ignored", "failed"]
+Source = Literal["stripe", "standard"]
 
 PREFIX = "/api/v1"
 
@@ -134,7 +143,7 @@ def get_invoice(invoice_id: str, request: Request, _: Principal = Depends(viewer
 @router.get("/invoices", tags=["invoices"])
 def list_invoices(
     request: Request,
-    status: str | None = Query(None, description="One invoice status, e.g. paid."),
+    status: InvoiceStatus | None = Query(None, description="One invoice status."),
     email: str | None = Query(None, description="Customer email, case-insensitive."),
     updated_since: float | None = _Since,
     updated_until: float | None = _Until,
@@ -161,10 +170,10 @@ def list_invoices(
 @router.get("/events", tags=["events"])
 def list_events(
     request: Request,
-    source: str | None = Query(None, description="stripe or standard"),
+    source: Source | None = None,
     type: str | None = Query(None, description="Event type, e.g. invoice.paid."),
     ordering_key: str | None = Query(None, description="Usually the invoice id."),
-    outcome: str | None = Query(None, description="pending, processed, ignored or failed"),
+    outcome: EventOutcome | None = None,
     received_since: float | None = _Since,
     received_until: float | None = _Until,
     limit: int = _Limit,
@@ -189,7 +198,7 @@ def list_events(
 def get_event(
     event_id: str,
     request: Request,
-    source: str | None = Query(None, description="Needed only if two sources share the id."),
+    source: Source | None = Query(None, description="Needed only if two sources share the id."),
     _: Principal = Depends(viewer),
 ) -> EventWithBody:
     detail = event_ops.get_event(engine_of(request), _text(event_id), source=_text(source))
@@ -199,7 +208,7 @@ def get_event(
 @router.get("/jobs", tags=["queue"])
 def list_jobs(
     request: Request,
-    state: str | None = Query(None, description="available, running, retryable, completed, dead"),
+    state: JobState | None = None,
     ordering_key: str | None = Query(None, description="Usually the invoice id."),
     limit: int = _Limit,
     cursor: str | None = _Cursor,
@@ -207,7 +216,7 @@ def list_jobs(
 ) -> JobPage:
     page = job_ops.list_jobs(
         engine_of(request),
-        state=_text(state),
+        state=state.value if state is not None else None,
         ordering_key=_text(ordering_key),
         limit=limit,
         cursor=_text(cursor),
