@@ -18,7 +18,7 @@ from sqlalchemy.engine import Engine
 from billhook.billing import InvoiceState, summarize
 from billhook.effects.timeline import effect_timeline
 from billhook.errors import NotFound
-from billhook.store.invoices import charges_of
+from billhook.store.invoices import events_about
 from billhook.store.schema import deliveries, events, invoice_transitions, invoices, jobs
 
 
@@ -43,7 +43,6 @@ class Explanation:
 def explain_invoice(engine: Engine, invoice_id: str) -> Explanation:
     with engine.connect() as connection:
         row = connection.execute(sa.select(invoices).where(invoices.c.id == invoice_id)).first()
-        charge_keys = [f"charge:{charge}" for charge in charges_of(connection, invoice_id)]
         changes = connection.execute(
             sa.select(invoice_transitions, events.c.event_id, events.c.type)
             .select_from(
@@ -52,11 +51,7 @@ def explain_invoice(engine: Engine, invoice_id: str) -> Explanation:
             .where(invoice_transitions.c.invoice_id == invoice_id)
             .order_by(invoice_transitions.c.id)
         ).all()
-        caused_by = {change.event_pk for change in changes if change.event_pk is not None}
-        about = sa.or_(
-            events.c.ordering_key.in_([invoice_id, *charge_keys]),
-            events.c.id.in_(caused_by) if caused_by else sa.false(),
-        )
+        about = events_about(connection, invoice_id)
         arrivals = connection.execute(
             sa.select(
                 deliveries.c.received_at,

@@ -19,7 +19,7 @@ from sqlalchemy.engine import Connection
 
 from billhook.billing import Change, InvoiceState, summarize
 from billhook.errors import BillhookError
-from billhook.store.schema import charge_links, invoice_transitions, invoices
+from billhook.store.schema import charge_links, events, invoice_transitions, invoices
 
 
 class ConcurrentUpdate(BillhookError):
@@ -144,3 +144,14 @@ def charges_of(connection: Connection, invoice_id: str) -> list[str]:
             sa.select(charge_links.c.charge_id).where(charge_links.c.invoice_id == invoice_id)
         ).scalars()
     )
+
+
+def events_about(connection: Connection, invoice_id: str) -> sa.ColumnElement[bool]:
+    """A filter on `events` for the events about one invoice: keyed on it, keyed on one of its
+    charges (refunds, disputes), or named by one of its recorded changes."""
+    charge_keys = [f"charge:{charge}" for charge in charges_of(connection, invoice_id)]
+    caused = sa.select(invoice_transitions.c.event_pk).where(
+        invoice_transitions.c.invoice_id == invoice_id,
+        invoice_transitions.c.event_pk.is_not(None),
+    )
+    return sa.or_(events.c.ordering_key.in_([invoice_id, *charge_keys]), events.c.id.in_(caused))
