@@ -8,6 +8,9 @@ the event's `outcome` in its own transaction).
 Claiming, per ordering key: a job is claimable when its `run_at` has come, the queue is not
 paused, no job of its key is running and no unfinished job of its key comes before it in
 provider order `(order_ts, id)`. Dead jobs are finished: they do not block their key.
+Claims walk waiting jobs in provider order (partial index `ix_jobs_claimable`): the first
+waiting job met of each key is that key's head, so claimable jobs are found after few
+blocked ones (a single key with a deep backlog at the front is the slow case).
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ def claim(
         # Another worker started a job of the same key after our snapshot; the unique index on
         # running keys refused ours. Nothing is lost: the job is still claimable later.
         return []
-    return sorted((Job.from_row(row) for row in rows), key=lambda job: (job.run_at, job.id))
+    return sorted((Job.from_row(row) for row in rows), key=lambda job: (job.order_ts, job.id))
 
 
 def _claimable(now: float, limit: int, *, skip_locked: bool) -> sa.Select[tuple[int]]:
@@ -75,12 +78,14 @@ def _claimable(now: float, limit: int, *, skip_locked: bool) -> sa.Select[tuple[
     query = (
         sa.select(job.c.id)
         .where(
-            job.c.state.in_([state.value for state in CLAIMABLE]),
+            # Literal states, so the planner can use the partial index `ix_jobs_claimable` even
+            # with a generic plan for a prepared statement.
+            job.c.state.in_([sa.literal_column(f"'{state.value}'") for state in CLAIMABLE]),
             job.c.run_at <= now,
             ~blocker,
             ~paused,
         )
-        .order_by(job.c.run_at, job.c.id)
+        .order_by(job.c.order_ts, job.c.id)
         .limit(limit)
     )
     if skip_locked:

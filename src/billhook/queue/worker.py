@@ -94,6 +94,7 @@ class Worker:
         self._wake = threading.Event()
         register_local_wakeup(self._wake)
         self._inflight: dict[int, Job] = {}
+        self._finishing: set[int] = set()
         self._inflight_lock = threading.Lock()
         self._idle = threading.Condition(self._inflight_lock)
         self._work: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
@@ -139,6 +140,7 @@ class Worker:
             handler = self.registry.handler_for(job.kind)
             handler(self.engine, job)
         except Exception as exc:
+            self._mark_finishing(job)
             try:
                 state = fail(
                     self.engine,
@@ -156,11 +158,17 @@ class Worker:
             log = _log.error if state is not None and state.value == "dead" else _log.warning
             log("job_failed", job_id=job.id, attempt=job.attempts, state=state, error=repr(exc))
             return
+        self._mark_finishing(job)
         try:
             if not complete(self.engine, job, now=self._clock()):
                 _log.warning("job_lease_lost", job_id=job.id, attempt=job.attempts)
         except BillhookError as store_error:
             _log.error("job_completion_unrecorded", job_id=job.id, error=str(store_error))
+
+    def _mark_finishing(self, job: Job) -> None:
+        with self._inflight_lock:
+            if job.id in self._inflight:
+                self._finishing.add(job.id)
 
     # -- the threaded service -------------------------------------------------------------------
 
@@ -263,6 +271,7 @@ class Worker:
             finally:
                 with self._idle:
                     self._inflight.pop(job.id, None)
+                    self._finishing.discard(job.id)
                     self._idle.notify_all()
                 self._wake.set()
 
@@ -290,7 +299,8 @@ class Worker:
             return
         lost = set(ids) - held
         with self._inflight_lock:
-            lost &= set(self._inflight)
+            # Jobs finished since `ids` was read are no longer held, and rightly so.
+            lost &= set(self._inflight) - self._finishing
         if lost:
             _log.warning("lease_lost", job_ids=sorted(lost))
 

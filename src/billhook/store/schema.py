@@ -97,6 +97,15 @@ jobs = sa.Table(
     sa.Index(None, "state", "run_at"),
     sa.Index(None, "ordering_key", "state"),
     sa.Index(None, "event_pk"),
+    # The claim walks waiting jobs in provider order (order_ts, id), where the first waiting job
+    # of each key is its head, and stops at the first claimable ones.
+    sa.Index(
+        "ix_jobs_claimable",
+        "order_ts",
+        "id",
+        sqlite_where=sa.text("state IN ('available', 'retryable')"),
+        postgresql_where=sa.text("state IN ('available', 'retryable')"),
+    ),
     # A key runs one job at a time, enforced by the database as well as by the claim query.
     sa.Index(
         "uq_jobs_running_key",

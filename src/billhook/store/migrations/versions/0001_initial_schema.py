@@ -213,6 +213,13 @@ def upgrade() -> None:
         )
         batch_op.create_index(batch_op.f("ix_jobs_state_run_at"), ["state", "run_at"], unique=False)
         batch_op.create_index(
+            "ix_jobs_claimable",
+            ["order_ts", "id"],
+            unique=False,
+            sqlite_where=sa.text("state IN ('available', 'retryable')"),
+            postgresql_where=sa.text("state IN ('available', 'retryable')"),
+        )
+        batch_op.create_index(
             "uq_jobs_running_key",
             ["ordering_key"],
             unique=True,
@@ -296,6 +303,11 @@ def downgrade() -> None:
             postgresql_where=sa.text("state = 'running'"),
         )
         batch_op.drop_index(batch_op.f("ix_jobs_state_run_at"))
+        batch_op.drop_index(
+            "ix_jobs_claimable",
+            sqlite_where=sa.text("state IN ('available', 'retryable')"),
+            postgresql_where=sa.text("state IN ('available', 'retryable')"),
+        )
         batch_op.drop_index(batch_op.f("ix_jobs_ordering_key_state"))
         batch_op.drop_index(batch_op.f("ix_jobs_event_pk"))
 
