@@ -153,29 +153,32 @@ def test_the_cli_prints_the_token_alone_lists_revokes_and_audits(
     sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     env = {"BILLHOOK_DATABASE_URL": sqlite_url, "BILLHOOK_DATA_DIR": str(tmp_path)}
-    # A real process for `create`: stdout must carry the token alone, logs go elsewhere.
-    created = subprocess.run(
-        [sys.executable, "-m", "billhook", "token", "create", "--role", "operator", "--name", "oc"],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+
+    def billhook(*args: str) -> subprocess.CompletedProcess[str]:
+        # Real processes for the commands that act (and log): stdout must carry only the token.
+        return subprocess.run(
+            [sys.executable, "-m", "billhook", *args],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    created = billhook("token", "create", "--role", "operator", "--name", "oc")
     assert created.returncode == 0, created.stderr
     token = created.stdout.strip()
     assert token.startswith(TOKEN_PREFIX) and "\n" not in token  # `$(billhook token create)`
     assert "shown only now" in created.stderr
+    assert billhook("token", "revoke", "oc").returncode == 0
 
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    runner = CliRunner()
+    runner = CliRunner()  # in-process for the reads
     listed = runner.invoke(app, ["token", "list", "--json"])
     assert orjson.loads(listed.stdout)[0]["name"] == "oc"
+    assert orjson.loads(listed.stdout)[0]["revoked_at"] is not None
     assert token not in listed.stdout and "hash" not in listed.stdout
     assert "oc" in runner.invoke(app, ["token", "list"]).stdout
-
-    assert runner.invoke(app, ["token", "revoke", "oc"]).exit_code == 0
-    assert isinstance(runner.invoke(app, ["token", "revoke", "ghost"]).exception, NotFound)
 
     engine = create_engine(sqlite_url)
     with pytest.raises(Unauthorized, match="revoked"):
@@ -183,8 +186,7 @@ def test_the_cli_prints_the_token_alone_lists_revokes_and_audits(
     engine.dispose()
 
     trail = orjson.loads(runner.invoke(app, ["audit", "--json"]).stdout)
-    assert [(e["action"], e["outcome"].split(":")[0]) for e in trail] == [
-        ("token.revoke", "refused"),
+    assert [(e["action"], e["outcome"]) for e in trail] == [
         ("token.revoke", "ok"),
         ("token.create", "ok"),
     ]

@@ -39,7 +39,7 @@ def create(
 @token_app.command("list")
 def list_(as_json: bool = typer.Option(False, "--json", help="JSON instead of a table.")) -> None:
     """Every token: name, role, created, revoked (never the token or its hash)."""
-    engine = _open()
+    engine = open_engine()  # reads only: nothing to log
     try:
         tokens = list_tokens(engine)
     finally:
