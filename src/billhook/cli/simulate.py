@@ -17,7 +17,7 @@ from billhook.sim.checker import Report
 from billhook.sim.delivery import DeliveryOptions
 from billhook.sim.report import render_report
 from billhook.sim.runner import Backend, Echo, SimulationConfig, run_simulation
-from billhook.sim.selfhost import SelfHosted, processing_ready
+from billhook.sim.selfhost import SelfHosted
 from billhook.sim.sink import SmtpSink
 
 
@@ -40,6 +40,12 @@ def simulate(
     smtp_outage: bool = typer.Option(False, "--smtp-outage", help="The SMTP sink refuses a while."),
     store_outage: bool = typer.Option(
         False, "--store-outage", help="Make the database unavailable for a while."
+    ),
+    store_outage_seconds: float = typer.Option(
+        8.0,
+        "--store-outage-seconds",
+        min=0.1,
+        help="How long the store is unavailable (default: longer than the 5 s request timeout).",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     smtp_port: int = typer.Option(
@@ -71,6 +77,7 @@ def simulate(
         crash_workers=crash_workers,
         smtp_outage=smtp_outage,
         store_outage=store_outage,
+        store_outage_seconds=store_outage_seconds,
         smtp_port=smtp_port,
         token=token,
         database_url=database_url,
@@ -105,11 +112,6 @@ async def _run(config: SimulationConfig, echo: Echo) -> Report:
 
 
 async def _self_hosted(config: SimulationConfig, echo: Echo) -> Report:
-    if not processing_ready():
-        raise ConfigError(
-            "--target URL is required for now: the self-hosted mode needs event processing "
-            "(billhook.processing is still a placeholder in this build)"
-        )
     with tempfile.TemporaryDirectory(prefix="billhook-sim-") as workdir, SmtpSink() as sink:
         echo(f"SMTP sink at {sink.url}; work directory {workdir}")
         billhook = SelfHosted(
@@ -120,7 +122,7 @@ async def _self_hosted(config: SimulationConfig, echo: Echo) -> Report:
             backend = billhook.backend(
                 crash_workers=config.crash_workers,
                 store_outage=config.store_outage,
-                outage_seconds=config.outage_seconds,
+                outage_seconds=config.store_outage_seconds,
             )
             return await run_simulation(config, backend, sink, echo)
         finally:

@@ -38,6 +38,9 @@ class SimulationConfig:
     converge_timeout: float = 60.0
     settle_seconds: float = 1.0
     outage_seconds: float = 3.0
+    # Longer than the provider's request timeout (5 s), so the outage yields real timeouts and
+    # 503s, and the provider's retries, not only slow 2xx.
+    store_outage_seconds: float = 8.0
     fault_tail_seconds: float = 2.0
     namespace: str = ""
 

@@ -310,11 +310,3 @@ def _refuse_postgres_connections(url: str, seconds: float) -> None:
         with admin.connect() as connection:
             connection.exec_driver_sql(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
         admin.dispose()
-
-
-def processing_ready() -> bool:
-    """False while `billhook.processing` is still the queue's placeholder (it marks events
-    processed without applying the billing model): a self-hosted run could only fail then."""
-    import billhook.processing as processing
-
-    return "placeholder" not in (processing.__doc__ or "").lower()
