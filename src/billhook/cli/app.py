@@ -12,6 +12,7 @@ from sqlalchemy.engine import Engine
 
 from billhook.config import Settings, load_settings
 from billhook.errors import BillhookError
+from billhook.observability import configure_logging
 from billhook.store.engine import create_engine
 
 app = typer.Typer(
@@ -27,6 +28,11 @@ err_console = Console(stderr=True)
 @app.callback()
 def _root() -> None:
     """Billing webhooks received durably, processed once, explained always."""
+    # Logs go to stderr from the first line, so `--json` output on stdout stays machine-readable.
+    try:
+        configure_logging(load_settings())
+    except BillhookError:
+        pass  # the command itself reports the configuration error
 
 
 def settings() -> Settings:

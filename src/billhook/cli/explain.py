@@ -41,16 +41,18 @@ def explain(
         if key in invoice:
             head.add_row(key, str(invoice[key]))
     console.print(head)
-    table = Table(title="timeline")
-    table.add_column("when (UTC)")
-    table.add_column("what")
-    table.add_column("event")
-    table.add_column("story")
+    table = Table(title="timeline (UTC)", expand=True)
+    table.add_column("when", no_wrap=True)
+    table.add_column("what", no_wrap=True)
+    table.add_column("story", ratio=1, overflow="fold")
     for entry in explanation.timeline:
         when = (
-            datetime.fromtimestamp(entry.at, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+            datetime.fromtimestamp(entry.at, UTC).strftime("%m-%d %H:%M:%S.%f")[:-3]
             if entry.at
             else "now"
         )
-        table.add_row(when, entry.kind, entry.event_id or "", entry.summary)
+        story = entry.summary
+        if entry.kind == "delivery" and entry.event_id:
+            story = f"{entry.event_id} {story}"
+        table.add_row(when, entry.kind, story)
     console.print(table)
