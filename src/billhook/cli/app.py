@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import Any
 
@@ -29,10 +30,9 @@ err_console = Console(stderr=True)
 def _root() -> None:
     """Billing webhooks received durably, processed once, explained always."""
     # Logs go to stderr from the first line, so `--json` output on stdout stays machine-readable.
-    try:
+    # A configuration error is reported by the command itself, with its exit code.
+    with contextlib.suppress(BillhookError):
         configure_logging(load_settings())
-    except BillhookError:
-        pass  # the command itself reports the configuration error
 
 
 def settings() -> Settings:
