@@ -81,7 +81,7 @@ class Processor:
         applied = apply(None if seen is None else seen.state, event)
         if seen is not None and applied.state == seen.state and not applied.changes:
             return
-        attention = _attention(
+        attention = merge_attention(
             needs_attention(
                 applied.state,
                 now=now,
@@ -139,7 +139,7 @@ def _resolve_invoice(connection: Connection, event: BillingEvent) -> BillingEven
     return event.with_invoice(invoice_id)
 
 
-def _attention(model_reason: str | None, previous: str | None) -> str | None:
+def merge_attention(model_reason: str | None, previous: str | None) -> str | None:
     """The model's reasons, plus any dead-job flag an operator has not cleared yet."""
     kept = [part for part in (previous or "").split("; ") if part.startswith(DEAD_JOB_MARK)]
     parts = ([model_reason] if model_reason else []) + kept

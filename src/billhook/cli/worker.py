@@ -50,9 +50,11 @@ def worker(
 
 
 def effect_services(engine: Engine, config: Settings) -> list[Service]:
-    """The effect dispatcher, when this build has one."""
+    """The effect dispatcher and the held-refund sweeper."""
     try:
         from billhook.effects.dispatcher import EffectDispatcher
     except ImportError:
         return []
-    return [EffectDispatcher(engine, config)]
+    from billhook.attention import AttentionSweeper
+
+    return [EffectDispatcher(engine, config), AttentionSweeper(engine, config)]
