@@ -5,6 +5,7 @@ from billhook.cli import dlq as _dlq  # noqa: F401
 from billhook.cli import explain as _explain  # noqa: F401
 from billhook.cli import migrate as _migrate  # noqa: F401
 from billhook.cli import pause as _pause  # noqa: F401
+from billhook.cli import replay as _replay  # noqa: F401
 from billhook.cli import run as _run  # noqa: F401
 from billhook.cli import serve as _serve  # noqa: F401
 from billhook.cli import simulate as _simulate  # noqa: F401
