@@ -140,6 +140,35 @@ def complete(engine: Engine, job: Job, *, now: float) -> bool:
     return bool(updated)
 
 
+def complete_many(engine: Engine, done: Sequence[Job], *, now: float) -> set[int]:
+    """Mark several attempts done in one transaction (group commit); returns the ids this
+    worker still held, and so completed."""
+    if not done:
+        return set()
+    by_worker: dict[str | None, list[Job]] = {}
+    for job in done:
+        by_worker.setdefault(job.worker_id, []).append(job)
+    completed: set[int] = set()
+    with transaction(engine) as connection:
+        for worker_id, held in by_worker.items():
+            rows = connection.execute(
+                jobs.update()
+                .where(
+                    jobs.c.state == JobState.RUNNING.value,
+                    jobs.c.worker_id == worker_id,
+                    sa.tuple_(jobs.c.id, jobs.c.attempts).in_([(j.id, j.attempts) for j in held]),
+                )
+                .values(state=JobState.COMPLETED.value, finished_at=now, lease_expires_at=None)
+                .returning(jobs.c.id)
+            ).all()
+            completed.update(int(row[0]) for row in rows)
+        attempts = [_attempt_row(job, now=now, outcome="completed") for job in done
+                    if job.id in completed]
+        if attempts:
+            connection.execute(job_attempts.insert(), attempts)
+    return completed
+
+
 def fail(
     engine: Engine,
     job: Job,
@@ -276,17 +305,38 @@ def _record_attempt(
 ) -> None:
     connection.execute(
         job_attempts.insert().values(
-            job_id=job.id,
-            attempt=job.attempts,
-            worker_id=job.worker_id,
-            started_at=job.started_at if job.started_at is not None else now,
-            finished_at=now,
-            outcome=outcome,
-            error_type=error_type,
-            error_message=error_message,
-            traceback=trace,
+            **_attempt_row(
+                job,
+                now=now,
+                outcome=outcome,
+                error_type=error_type,
+                error_message=error_message,
+                trace=trace,
+            )
         )
     )
+
+
+def _attempt_row(
+    job: Job,
+    *,
+    now: float,
+    outcome: str,
+    error_type: str | None = None,
+    error_message: str | None = None,
+    trace: str | None = None,
+) -> dict[str, object]:
+    return {
+        "job_id": job.id,
+        "attempt": job.attempts,
+        "worker_id": job.worker_id,
+        "started_at": job.started_at if job.started_at is not None else now,
+        "finished_at": now,
+        "outcome": outcome,
+        "error_type": error_type,
+        "error_message": error_message,
+        "traceback": trace,
+    }
 
 
 def _qualified_name(error: BaseException) -> str:

@@ -28,6 +28,7 @@ from billhook.config import Settings
 from billhook.errors import BillhookError
 from billhook.observability import get_logger
 from billhook.queue.claims import claim, complete, fail, heartbeat, release, rescue_expired
+from billhook.queue.completer import GroupCompleter
 from billhook.queue.jobs import NOTIFY_CHANNEL, Job, register_local_wakeup
 from billhook.queue.registry import Registry
 from billhook.queue.retry import RetryPolicy
@@ -99,6 +100,7 @@ class Worker:
         self._idle = threading.Condition(self._inflight_lock)
         self._work: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
+        self._completer: GroupCompleter | None = None
         is_pg = engine.dialect.name == "postgresql"
         self._poll = (
             config.poll_interval_seconds
@@ -151,7 +153,7 @@ class Worker:
                     rng=self._rng,
                     dead_hooks=self.registry.dead_hooks,
                 )
-            except BillhookError as store_error:
+            except Exception as store_error:
                 # The lease runs out and the rescuer retries it: nothing is lost.
                 _log.error("job_fail_unrecorded", job_id=job.id, error=str(store_error))
                 return
@@ -160,9 +162,14 @@ class Worker:
             return
         self._mark_finishing(job)
         try:
-            if not complete(self.engine, job, now=self._clock()):
+            done = (
+                self._completer.complete(job)
+                if self._completer is not None
+                else complete(self.engine, job, now=self._clock())
+            )
+            if not done:
                 _log.warning("job_lease_lost", job_id=job.id, attempt=job.attempts)
-        except BillhookError as store_error:
+        except Exception as store_error:
             _log.error("job_completion_unrecorded", job_id=job.id, error=str(store_error))
 
     def _mark_finishing(self, job: Job) -> None:
@@ -185,6 +192,7 @@ class Worker:
         ]
         if self.engine.dialect.name == "postgresql":
             targets.append(("listener", self._listen_loop))
+        self._completer = GroupCompleter(self.engine, self._clock)
         for name, target in targets:
             thread = threading.Thread(target=target, name=f"billhook-{name}", daemon=True)
             thread.start()
@@ -208,6 +216,8 @@ class Worker:
             self._work.put(None)
         released = release(self.engine, leftovers, now=self._clock()) if leftovers else 0
         self._joined.set()
+        if self._completer is not None:
+            self._completer.close()
         for thread in self._threads:
             if thread.name.startswith(("billhook-executor", "billhook-listener")):
                 continue  # a handler past its grace, or a blocking LISTEN: daemon threads
