@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
-from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
+from fastapi import APIRouter, Body, Depends, FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.engine import Engine
@@ -41,6 +41,7 @@ from billhook.api.admin_models import (
     Redriven,
 )
 from billhook.api.errors import error_response
+from billhook.api.replay_models import ReplayBody, ReplayOutcome
 from billhook.config import Settings
 from billhook.errors import BillhookError, Forbidden, InvalidRequest, Unauthorized
 from billhook.observability import get_logger
@@ -52,6 +53,7 @@ from billhook.ops import jobs as job_ops
 from billhook.ops.dlq import JobDetail
 from billhook.ops.pages import DEFAULT_LIMIT, MAX_ID, MAX_LIMIT
 from billhook.ops.pause import PauseState, set_paused
+from billhook.ops.replay import replay as run_replay
 from billhook.ops.status import Status, read_status
 from billhook.ops.tokens import Principal, authenticate
 from billhook.queue.states import JobState
@@ -269,6 +271,18 @@ def pause(act: OperatorAction = Depends(operator)) -> PauseState:
 @router.post("/resume", tags=["operations"])
 def resume(act: OperatorAction = Depends(operator)) -> PauseState:
     return act.perform("resume", {}, lambda: set_paused(act.engine, False, now=time.time()))
+
+
+@router.post("/replay", tags=["operations"])
+def replay(
+    request: Request, body: ReplayBody = Body(), act: OperatorAction = Depends(operator)
+) -> ReplayOutcome:
+    """Re-run stored events through the normal pipeline. A dry run (the default) writes
+    nothing and is not audited; a real replay is audited and never re-sends a sent effect unless
+    `resend_effects` names its kind."""
+    settings: Settings = request.app.state.settings
+    result = run_replay(act.engine, body.to_request(), settings=settings, perform=act.perform)
+    return ReplayOutcome.from_value(result)
 
 
 @router.get("/audit", tags=["audit"])

@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from billhook.billing import BillingEvent, EffectIntent, InvoiceState, apply, summarize
-from billhook.errors import InvalidRequest, UnprocessableEvent
+from billhook.errors import NotFound, UnprocessableEvent
 from billhook.ops.replay_selection import (
     CHUNK,
     Selection,
@@ -238,9 +238,10 @@ def fold_rebuild(connection: Connection, invoice_id: str, *, lock: bool) -> Rebu
         fold.events += 1
         fold.source = fold.source or stored_event.source
     if fold.state is None:
-        raise InvalidRequest(
-            f"no stored billing event about invoice {invoice_id}: there is nothing to rebuild it "
-            "from (a rebuild never empties an invoice)"
+        # Not found: the events to rebuild from (a rebuild never empties an invoice).
+        raise NotFound(
+            f"no stored billing event about invoice {invoice_id!r}: there is nothing to rebuild "
+            "it from; check the id"
         )
     return fold
 
