@@ -23,10 +23,18 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, TypeVar
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from billhook.billing import Change, InvoiceStatus, needs_attention
+from billhook.billing import (
+    BillingEvent,
+    Change,
+    InvoiceState,
+    InvoiceStatus,
+    apply,
+    needs_attention,
+)
 from billhook.config import Settings
 from billhook.effects.outbox import enqueue_effects
 from billhook.errors import InvalidRequest, StoreUnavailable, UnprocessableEvent
@@ -46,6 +54,7 @@ from billhook.ops.replay_selection import (
     ReplayPlan,
     Selection,
     StoredEvent,
+    charge_invoices,
     chunks,
     decode_event,
     load_events,
@@ -61,7 +70,7 @@ from billhook.store.invoices import (
     record_changes,
     save_invoice,
 )
-from billhook.store.schema import effects, events
+from billhook.store.schema import effects, events, invoices
 
 __all__ = [
     "EXIT_EVENTS_FAILED",
@@ -243,23 +252,41 @@ class _Run:
         with self.engine.connect() as connection:
             for chunk in chunks(event_pks):
                 with _begin(connection):
-                    stored_events = load_events(connection, chunk)
-                for stored in stored_events:
-                    self._apply_one(connection, processor, stored)
+                    decoded = [_decoded(stored) for stored in load_events(connection, chunk)]
+                    known = _Known.read(connection, [d.event for d in decoded if d.event])
+                marks: dict[str, list[int]] = {"processed": [], "ignored": []}
+                for item in decoded:
+                    self._apply_one(connection, processor, item, known, marks)
                     if self.on_event is not None:
                         self.on_event()
+                with _begin(connection):
+                    now = self.clock()
+                    for outcome, pks in marks.items():
+                        if pks:
+                            _mark(connection, pks, outcome, now)
 
-    def _apply_one(self, connection: Connection, processor: Processor, stored: StoredEvent) -> None:
-        try:
-            event = decode_event(stored.source, stored.body)
-        except UnprocessableEvent as exc:
-            self._fail(stored, exc)
+    def _apply_one(
+        self,
+        connection: Connection,
+        processor: Processor,
+        item: _Decoded,
+        known: _Known,
+        marks: dict[str, list[int]],
+    ) -> None:
+        stored, event = item.stored, item.event
+        if item.error is not None:
+            self._fail(stored, item.error)
             return
         if event is None:
             self.ignored += 1
             if stored.outcome != "ignored":
-                with _begin(connection):
-                    _mark(connection, stored.pk, "ignored", self.clock())
+                marks["ignored"].append(stored.pk)
+            return
+        if known.already_applied(event):
+            # The same no-op `apply_event` would find, without a transaction per event.
+            self.applied += 1
+            if stored.outcome != "processed":
+                marks["processed"].append(stored.pk)
             return
         for attempt in range(CONCURRENT_RETRIES):
             try:
@@ -268,13 +295,16 @@ class _Run:
                         connection, event, source=stored.source, event_pk=stored.pk
                     )
                     if stored.outcome != "processed":
-                        _mark(connection, stored.pk, "processed", self.clock())
+                        _mark(connection, [stored.pk], "processed", self.clock())
             except ConcurrentUpdate as exc:
                 if attempt + 1 == CONCURRENT_RETRIES:
                     self._fail(stored, exc)
                 continue
             except (UnprocessableEvent, InvoiceNotYetKnown) as exc:
                 self._fail(stored, exc)
+                return
+            except ValueError as exc:  # the stored invoice state is unreadable
+                self._fail(stored, ValueError(f"{exc}; mend it with --invoice ID --rebuild"))
                 return
             self.applied += 1
             return
@@ -393,10 +423,67 @@ def _rebuilt_change(fold: RebuildFold, diff: InvoiceDiff) -> Change:
     )
 
 
-def _mark(connection: Connection, event_pk: int, outcome: str, now: float) -> None:
+def _mark(connection: Connection, event_pks: Sequence[int], outcome: str, now: float) -> None:
     connection.execute(
-        events.update().where(events.c.id == event_pk).values(outcome=outcome, processed_at=now)
+        events.update()
+        .where(events.c.id.in_(list(event_pks)))
+        .values(outcome=outcome, processed_at=now)
     )
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    stored: StoredEvent
+    event: BillingEvent | None
+    error: Exception | None
+
+
+def _decoded(stored: StoredEvent) -> _Decoded:
+    try:
+        return _Decoded(stored, decode_event(stored.source, stored.body), None)
+    except UnprocessableEvent as exc:
+        return _Decoded(stored, None, exc)
+
+
+@dataclass(frozen=True)
+class _Known:
+    """Invoice states and charge links as read at the start of a chunk.
+
+    A state only grows (it is a join of facts), so an event that changes nothing in the state
+    read here changes nothing in any later one: replaying it needs no transaction. Anything
+    else goes through `Processor.apply_event`.
+    """
+
+    states: dict[str, InvoiceState]
+    links: dict[str, str]
+
+    @classmethod
+    def read(cls, connection: Connection, batch: Sequence[BillingEvent]) -> _Known:
+        links = charge_invoices(connection, sorted({e.charge_id for e in batch if e.charge_id}))
+        ids = {e.invoice_id or links.get(e.charge_id or "") for e in batch} - {None, ""}
+        states: dict[str, InvoiceState] = {}
+        for start in range(0, len(ids), 500):
+            rows = connection.execute(
+                sa.select(invoices.c.id, invoices.c.state).where(
+                    invoices.c.id.in_(sorted(i for i in ids if i)[start : start + 500])
+                )
+            )
+            for row in rows:
+                try:
+                    states[row.id] = InvoiceState.from_dict(orjson.loads(row.state))
+                except (orjson.JSONDecodeError, ValueError, AttributeError):
+                    continue  # unreadable: the full path reports it
+        return cls(states, links)
+
+    def already_applied(self, event: BillingEvent) -> bool:
+        if event.charge_id is not None and event.charge_id not in self.links:
+            return False
+        invoice_id = event.invoice_id or self.links.get(event.charge_id or "")
+        state = None if invoice_id is None else self.states.get(invoice_id)
+        if invoice_id is None or state is None:
+            return False
+        applied = apply(state, event.with_invoice(invoice_id))
+        return applied.state == state and not applied.changes
 
 
 @contextmanager
