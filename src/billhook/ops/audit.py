@@ -75,7 +75,11 @@ def perform(
     except Exception as exc:
         _finish(engine, entry_id, f"failed: {type(exc).__name__}: {exc}")
         raise
-    _finish(engine, entry_id, OUTCOME_OK)
+    # A result that can summarize itself (replay's counts) is recorded with its summary.
+    summary = getattr(result, "audit_outcome", None)
+    _finish(
+        engine, entry_id, f"{OUTCOME_OK}: {summary}" if isinstance(summary, str) else OUTCOME_OK
+    )
     _log.info("operator_action", actor=actor, action=action, params=dict(params))
     return result
 

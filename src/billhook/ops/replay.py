@@ -159,6 +159,15 @@ class ReplayResult:
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "changed": self.changed}
 
+    @property
+    def audit_outcome(self) -> str:
+        """What the audit log records as this replay's outcome."""
+        return (
+            f"{self.events} events, {self.applied} applied, {self.ignored} ignored, "
+            f"{len(self.failed)} failed, {len(self.resent)} effects reset for resend"
+            + (", invoice rebuilt" if self.rebuilt else "")
+        )
+
     @classmethod
     def of_preview(cls, preview: Preview) -> ReplayResult:
         return cls(
