@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,3 +167,22 @@ def test_redrive_refuses_what_is_not_dead(engine: Engine) -> None:
         redrive_effect(engine, effect_id, 11.0)
     with pytest.raises(NotFound):
         redrive_effect(engine, effect_id + 1000, 11.0)
+
+
+def test_pause_holds_effects_and_resume_releases_them(engine: Engine, tmp_path: Path) -> None:
+    """`billhook pause` stops emails too: nothing is claimed until resume."""
+    from billhook.ops.pause import set_paused
+
+    settings = Settings(data_dir=str(tmp_path))  # no SMTP URL: the Maildir in tmp_path
+    assert enqueue(engine, settings, [intent(1)]) == 1
+    set_paused(engine, True, now=time.time())
+    dispatcher = EffectDispatcher(engine, settings)
+    try:
+        assert dispatcher.run_once() == 0
+        set_paused(engine, False, now=time.time())
+        assert dispatcher.run_once() == 1
+    finally:
+        dispatcher.close()
+    with engine.connect() as connection:
+        assert connection.execute(sa.select(effects.c.state)).scalar_one() == "sent"
+    assert len(list((tmp_path / "maildir" / "new").iterdir())) == 1

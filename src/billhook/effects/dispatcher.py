@@ -36,14 +36,19 @@ from billhook.effects.render import EffectUnsendable, render_email
 from billhook.effects.webhook import WebhookSender, webhook_sender_from_settings
 from billhook.errors import StoreUnavailable
 from billhook.observability import get_logger
+from billhook.queue.claims import PAUSED_KEY
 from billhook.queue.retry import next_run_at
 from billhook.store.engine import transaction
 from billhook.store.schema import effect_attempts, effects, invoices
+from billhook.store.schema import settings as switches
 
 DEFAULT_BATCH_SIZE = 20
 _IN_DOUBT_ERROR = (
     "lease expired after the message was handed over (dispatcher stopped?); "
     "delivery unknown, sent again under the same key"
+)
+_PAUSED = sa.select(switches.c.key).where(
+    switches.c.key == PAUSED_KEY, switches.c.value == "true"
 )
 _log = get_logger("billhook.effects")
 
@@ -124,6 +129,10 @@ class EffectDispatcher:
 
     def _claim(self, now: float) -> list[_Claimed]:
         with transaction(self._engine) as connection:
+            # `billhook pause` holds effects too: an operator pausing mid-incident (a wrong
+            # template, a bad deploy) must be able to stop emails, not only state changes.
+            if connection.execute(_PAUSED).first() is not None:
+                return []
             self._bury_exhausted(connection, now)
             expired = sa.and_(effects.c.state == "sending", effects.c.lease_expires_at <= now)
             rescued = self._claim_where(connection, expired, now, self._batch_size)
