@@ -13,7 +13,15 @@ from sqlalchemy.engine import Connection, Engine
 from billhook.errors import InvalidRequest, NotFound
 from billhook.ops.dlq import list_dead, redrive, show_job
 from billhook.ops.pause import pause_state, set_paused
-from billhook.queue.claims import claim, complete, fail, heartbeat, release, rescue_expired
+from billhook.queue.claims import (
+    claim,
+    complete,
+    complete_many,
+    fail,
+    heartbeat,
+    release,
+    rescue_expired,
+)
 from billhook.queue.jobs import Job, enqueue
 from billhook.queue.metrics import register_queue_metrics
 from billhook.queue.registry import Registry
@@ -259,3 +267,17 @@ def test_metrics_read_the_queue_from_the_database(engine: Engine) -> None:
     assert 'billhook_job_attempts_total{outcome="completed"} 1.0' in text
     assert 'billhook_job_duration_seconds_bucket{le="0.025"} 1.0' in text
     assert "billhook_queue_oldest_pending_age_seconds" in text
+
+
+def test_group_completion_completes_only_what_is_still_held(engine: Engine) -> None:
+    ids = [_enqueue(engine, f"k{n}", 1.0) for n in range(3)]
+    first, second, third = _claim(engine, "w1")
+    rescue_expired(engine, now=T0 + LEASE + 1, dead_hooks={})  # all three lost...
+    (again,) = _claim(engine, "w2", now=T0 + LEASE + 1, limit=1)  # ...one runs elsewhere
+    assert complete_many(engine, [first, second, third], now=T0 + LEASE + 2) == set()
+    assert complete_many(engine, [again], now=T0 + LEASE + 2) == {again.id}
+    assert _state(engine, again.id) == "completed"
+    assert sorted(ids) == sorted(j.id for j in (first, second, third))
+    fresh = _claim(engine, "w3", now=T0 + LEASE + 3)
+    assert complete_many(engine, fresh, now=T0 + LEASE + 4) == {j.id for j in fresh}
+    assert [a.outcome for a in show_job(engine, fresh[0].id).history] == ["rescued", "completed"]

@@ -17,6 +17,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from billhook.ops.dlq import show_job
 from billhook.queue.jobs import enqueue
 from billhook.store.engine import create_engine, transaction
 from billhook.store.schema import events, job_attempts, jobs
@@ -204,8 +205,7 @@ def test_poison_dies_after_max_attempts_and_redrive_runs_it_again(
     assert dead["job_id"] == job_id and dead["event_id"] == "evt_poison"
     assert dead["type"] == "invoice.paid" and dead["attempts"] == 4
     assert "has no data.object.id" in dead["last_error"] and dead["dead_at"] > 0
-    shown = orjson.loads(_cli(database_url, "dlq", "show", str(job_id), "--json").stdout)
-    assert [a["error_type"] for a in shown["history"]] == ["ValueError"] * 4
+    assert [a.error_type for a in show_job(engine, job_id).history] == ["ValueError"] * 4
     flag.unlink()
     _cli(database_url, "dlq", "redrive", str(job_id))
     _wait(lambda: _scalar(engine, "SELECT state FROM jobs WHERE id = :id", id=job_id)

@@ -15,6 +15,7 @@ blocked ones (a single key with a deep backlog at the front is the slow case).
 
 from __future__ import annotations
 
+import functools
 import random
 import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -39,22 +40,16 @@ def claim(
     engine: Engine, *, worker_id: str, now: float, lease_seconds: float, limit: int = 1
 ) -> list[Job]:
     """Take up to `limit` claimable jobs under a lease; [] when none (or a key race was lost)."""
-    candidates = _claimable(now, limit, skip_locked=engine.dialect.name == "postgresql").cte("c")
-    statement = (
-        jobs.update()
-        .where(jobs.c.id.in_(sa.select(candidates.c.id)))
-        .values(
-            state=JobState.RUNNING.value,
-            attempts=jobs.c.attempts + 1,
-            worker_id=worker_id,
-            started_at=now,
-            lease_expires_at=now + lease_seconds,
-        )
-        .returning(*jobs.c)
-    )
+    statement = _claim_statement(engine.dialect.name == "postgresql")
+    params = {
+        "b_now": now,
+        "b_limit": limit,
+        "b_worker_id": worker_id,
+        "b_lease": now + lease_seconds,
+    }
     try:
         with transaction(engine) as connection:
-            rows = connection.execute(statement).mappings().all()
+            rows = connection.execute(statement, params).mappings().all()
     except sa.exc.IntegrityError:
         # Another worker started a job of the same key after our snapshot; the unique index on
         # running keys refused ours. Nothing is lost: the job is still claimable later.
@@ -62,7 +57,25 @@ def claim(
     return sorted((Job.from_row(row) for row in rows), key=lambda job: (job.order_ts, job.id))
 
 
-def _claimable(now: float, limit: int, *, skip_locked: bool) -> sa.Select[tuple[int]]:
+@functools.cache
+def _claim_statement(skip_locked: bool) -> sa.Update:
+    # Built once: constructing this statement costs more CPU than running it.
+    candidates = _claimable(skip_locked=skip_locked).cte("c")
+    return (
+        jobs.update()
+        .where(jobs.c.id.in_(sa.select(candidates.c.id)))
+        .values(
+            state=JobState.RUNNING.value,
+            attempts=jobs.c.attempts + 1,
+            worker_id=sa.bindparam("b_worker_id", type_=sa.String()),
+            started_at=sa.bindparam("b_now", type_=sa.Double()),
+            lease_expires_at=sa.bindparam("b_lease", type_=sa.Double()),
+        )
+        .returning(*jobs.c)
+    )
+
+
+def _claimable(*, skip_locked: bool) -> sa.Select[tuple[int]]:
     job = jobs.alias("j")
     other = jobs.alias("o")
     blocker = sa.exists().where(
@@ -81,12 +94,12 @@ def _claimable(now: float, limit: int, *, skip_locked: bool) -> sa.Select[tuple[
             # Literal states, so the planner can use the partial index `ix_jobs_claimable` even
             # with a generic plan for a prepared statement.
             job.c.state.in_([sa.literal_column(f"'{state.value}'") for state in CLAIMABLE]),
-            job.c.run_at <= now,
+            job.c.run_at <= sa.bindparam("b_now", type_=sa.Double()),
             ~blocker,
             ~paused,
         )
         .order_by(job.c.order_ts, job.c.id)
-        .limit(limit)
+        .limit(sa.bindparam("b_limit", type_=sa.Integer()))
     )
     if skip_locked:
         query = query.with_for_update(skip_locked=True, of=job)
@@ -152,14 +165,12 @@ def complete_many(engine: Engine, done: Sequence[Job], *, now: float) -> set[int
     with transaction(engine) as connection:
         for worker_id, held in by_worker.items():
             rows = connection.execute(
-                jobs.update()
-                .where(
-                    jobs.c.state == JobState.RUNNING.value,
-                    jobs.c.worker_id == worker_id,
-                    sa.tuple_(jobs.c.id, jobs.c.attempts).in_([(j.id, j.attempts) for j in held]),
-                )
-                .values(state=JobState.COMPLETED.value, finished_at=now, lease_expires_at=None)
-                .returning(jobs.c.id)
+                _complete_statement(),
+                {
+                    "b_worker_id": worker_id,
+                    "b_now": now,
+                    "b_held": [(job.id, job.attempts) for job in held],
+                },
             ).all()
             completed.update(int(row[0]) for row in rows)
         attempts = [_attempt_row(job, now=now, outcome="completed") for job in done
@@ -167,6 +178,24 @@ def complete_many(engine: Engine, done: Sequence[Job], *, now: float) -> set[int
         if attempts:
             connection.execute(job_attempts.insert(), attempts)
     return completed
+
+
+@functools.cache
+def _complete_statement() -> sa.Update:
+    return (
+        jobs.update()
+        .where(
+            jobs.c.state == JobState.RUNNING.value,
+            jobs.c.worker_id == sa.bindparam("b_worker_id", type_=sa.String()),
+            sa.tuple_(jobs.c.id, jobs.c.attempts).in_(sa.bindparam("b_held", expanding=True)),
+        )
+        .values(
+            state=JobState.COMPLETED.value,
+            finished_at=sa.bindparam("b_now", type_=sa.Double()),
+            lease_expires_at=None,
+        )
+        .returning(jobs.c.id)
+    )
 
 
 def fail(

@@ -241,8 +241,10 @@ class Worker:
 
     def _fetch_loop(self) -> None:
         while not self._stopping.is_set():
+            # Claim up to twice the executors: a batch waits in the queue while the previous
+            # one runs, so executors do not idle through a claim round trip.
             with self._inflight_lock:
-                free = self.config.concurrency - len(self._inflight)
+                free = 2 * self.config.concurrency - len(self._inflight)
             if free <= 0:
                 self._wait_for_wake()
                 continue
