@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import typer
 
-from billhook.api.server import serve as run_server
 from billhook.cli.app import app, settings
 
 
@@ -14,6 +13,9 @@ def serve(
     port: int = typer.Option(None, help="Listen port (default BILLHOOK_PORT)."),
 ) -> None:
     """Serve the HTTP API. Stays up while the database is down, answering 503 until it is back."""
+    # Imported here: worker processes load the CLI too and need no web framework.
+    from billhook.api.server import serve as run_server
+
     config = settings()
     overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
     run_server(config.model_copy(update=overrides) if overrides else config)

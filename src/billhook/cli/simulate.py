@@ -7,18 +7,17 @@ import os
 import secrets as _secrets
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from billhook.cli.app import app, console, err_console, print_json, settings
 from billhook.errors import ConfigError
 from billhook.observability import configure_logging
-from billhook.sim.checker import Report
-from billhook.sim.delivery import DeliveryOptions
-from billhook.sim.report import render_report
-from billhook.sim.runner import Backend, Echo, SimulationConfig, run_simulation
-from billhook.sim.selfhost import SelfHosted
-from billhook.sim.sink import SmtpSink
+
+if TYPE_CHECKING:
+    from billhook.sim.checker import Report
+    from billhook.sim.runner import Echo, SimulationConfig
 
 
 @app.command()
@@ -67,6 +66,11 @@ def simulate(
 
     Exit code 0 only when no invariant is violated.
     """
+    # Imported here, not at the top: every billhook process loads the CLI, few simulate.
+    from billhook.sim.delivery import DeliveryOptions
+    from billhook.sim.report import render_report
+    from billhook.sim.runner import SimulationConfig
+
     config = SimulationConfig(
         target=target,
         invoices=invoices,
@@ -99,6 +103,9 @@ def simulate(
 
 
 async def _run(config: SimulationConfig, echo: Echo) -> Report:
+    from billhook.sim.runner import Backend, run_simulation
+    from billhook.sim.sink import SmtpSink
+
     if config.target is None:
         return await _self_hosted(config, echo)
     if config.crash_workers or config.store_outage:
@@ -112,6 +119,10 @@ async def _run(config: SimulationConfig, echo: Echo) -> Report:
 
 
 async def _self_hosted(config: SimulationConfig, echo: Echo) -> Report:
+    from billhook.sim.runner import run_simulation
+    from billhook.sim.selfhost import SelfHosted
+    from billhook.sim.sink import SmtpSink
+
     with tempfile.TemporaryDirectory(prefix="billhook-sim-") as workdir, SmtpSink() as sink:
         echo(f"SMTP sink at {sink.url}; work directory {workdir}")
         billhook = SelfHosted(
