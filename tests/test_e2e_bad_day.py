@@ -190,6 +190,10 @@ def test_the_classic_bad_day(
             _wait(settled, "refunded invoice, two emails sent")
         finally:
             engine.dispose()
+        scrape = httpx.get(proc.base_url + "/metrics", timeout=10).text
+        assert 'billhook_effects_by_state{channel="email",state="sent"} 2.0' in scrape
+        assert 'billhook_webhooks_received_total{outcome="duplicate",source="stripe"} 2.0' in scrape
+        assert 'billhook_jobs{state="completed"} 3.0' in scrape
         out = subprocess.run(
             [sys.executable, "-m", "billhook", "explain", INVOICE, "--json"],
             env={**os.environ, **env},

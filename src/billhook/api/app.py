@@ -35,7 +35,7 @@ def assemble_routes(settings: Settings, engine: Engine) -> list[BaseRoute]:
     return [
         *webhooks.routes(),
         *health.routes(),
-        *metrics.routes(),
+        *metrics.routes(engine),
         Mount(ADMIN_PREFIX, app=create_admin_app(settings, engine)),
     ]
 

@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Histogram, generate_latest
+import contextlib
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+
+from billhook.effects.metrics import EffectsCollector
+from billhook.queue.metrics import register_queue_metrics
 
 OUTCOMES = (
     "accepted",
@@ -36,9 +51,18 @@ for _source in ("stripe", "standard"):
         WEBHOOKS_RECEIVED.labels(_source, _outcome)
 
 
-async def metrics(_request: Request) -> Response:
-    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+def routes(engine: Engine) -> list[Route]:
+    """`GET /metrics`: this process's counters, then the queue and outbox read from the store
+    (workers are other processes; the database is where all their work shows)."""
+    store_registry = CollectorRegistry(auto_describe=False)
+    register_queue_metrics(store_registry, engine)
+    store_registry.register(EffectsCollector(engine))
 
+    async def metrics(_request: Request) -> Response:
+        body = generate_latest(REGISTRY)
+        # Database down: /readyz says so; the HTTP counters are still worth serving.
+        with contextlib.suppress(SQLAlchemyError):
+            body += await run_in_threadpool(generate_latest, store_registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
-def routes() -> list[Route]:
     return [Route("/metrics", metrics, methods=["GET"])]
