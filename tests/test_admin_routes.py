@@ -25,7 +25,7 @@ from billhook.ops.tokens import create_token, revoke_token
 from billhook.sources import IncomingEvent
 from billhook.store.engine import transaction
 from billhook.store.events import Arrival, record
-from billhook.store.schema import audit_log, invoices, jobs, metadata
+from billhook.store.schema import audit_log, effects, invoices, jobs, metadata
 from live_server import running_app
 
 INVOICE = "in_admin_1"
@@ -37,6 +37,7 @@ class Route:
     method: str
     path: str
     role: str  # the least role that may call it
+    action: str = ""  # the audit action an operator call records (default: the path's tail)
 
     @property
     def acts(self) -> bool:
@@ -54,6 +55,8 @@ ROUTES = [
     Route("GET", "/api/v1/dead-letters", "viewer"),
     Route("GET", "/api/v1/audit", "viewer"),
     Route("POST", "/api/v1/dead-letters/{job}/redrive", "operator"),
+    Route("GET", "/api/v1/dead-effects", "viewer"),
+    Route("POST", "/api/v1/dead-effects/{effect}/redrive", "operator", "redrive_effect"),
     Route("POST", "/api/v1/pause", "operator"),
     Route("POST", "/api/v1/resume", "operator"),
 ]
@@ -75,11 +78,12 @@ class Admin:
     engine: Engine
     headers: dict[str, dict[str, str]]
     job_id: int
+    effect_id: int
 
 
 @pytest.fixture
 def admin(engine: Engine, tmp_path: Path) -> Iterator[Admin]:
-    job_id = _seed(engine)
+    job_id, effect_id = _seed(engine)
     tokens = {
         role: create_token(engine, name=f"{role}-token", role=role, actor="cli:test")
         for role in ("viewer", "operator")
@@ -96,7 +100,7 @@ def admin(engine: Engine, tmp_path: Path) -> Iterator[Admin]:
     }
     settings = load_settings(database_url=str(engine.url), data_dir=str(tmp_path))
     with running_app(create_app(settings, engine)) as base_url:
-        yield Admin(base_url, engine, headers, job_id)
+        yield Admin(base_url, engine, headers, job_id, effect_id)
 
 
 def test_every_caller_gets_its_status_and_a_refusal_changes_nothing(admin: Admin) -> None:
@@ -108,7 +112,7 @@ def test_every_caller_gets_its_status_and_a_refusal_changes_nothing(admin: Admin
 
 
 def _check_route(client: httpx.Client, admin: Admin, route: Route) -> None:
-    url = admin.base_url + route.path.format(job=admin.job_id)
+    url = admin.base_url + route.path.format(job=admin.job_id, effect=admin.effect_id)
     for caller in ("none", "basic", "unknown", "revoked", "viewer"):
         where = f"{route.method} {route.path} as {caller}"
         before = _checksums(admin.engine)
@@ -136,7 +140,7 @@ def _check_route(client: httpx.Client, admin: Admin, route: Route) -> None:
             .one()
         )
     assert (newest["actor"], newest["outcome"]) == ("operator-token", "ok")
-    assert newest["action"] == route.path.rsplit("/", 1)[-1]
+    assert newest["action"] == (route.action or route.path.rsplit("/", 1)[-1])
 
 
 def test_reads_return_the_stored_state(admin: Admin) -> None:
@@ -196,8 +200,8 @@ def test_lists_page_with_a_cursor_and_refuse_a_forged_one(admin: Admin) -> None:
         assert forged.status_code == 400 and "next_cursor" in forged.json()["detail"]
 
 
-def _seed(engine: Engine) -> int:
-    """One paid invoice, one event delivered twice whose job died."""
+def _seed(engine: Engine) -> tuple[int, int]:
+    """One paid invoice, one event delivered twice whose job died, one dead email."""
     now = time.time()
     body = orjson.dumps({"id": EVENT, "type": "invoice.paid", "data": {"object": {}}})
     event = IncomingEvent(
@@ -230,7 +234,24 @@ def _seed(engine: Engine) -> int:
                 updated_at=now - 1,
             )
         )
-        return int(connection.execute(sa.select(jobs.c.id)).scalar_one())
+        effect_id = connection.execute(
+            effects.insert()
+            .values(
+                idempotency_key=f"payment_receipt:{INVOICE}",
+                kind="payment_receipt",
+                channel="email",
+                invoice_id=INVOICE,
+                payload="{}",
+                state="dead",
+                attempts=3,
+                max_attempts=3,
+                run_at=now,
+                created_at=now,
+                last_error="SMTP refused",
+            )
+            .returning(effects.c.id)
+        ).scalar_one()
+        return int(connection.execute(sa.select(jobs.c.id)).scalar_one()), int(effect_id)
 
 
 def _checksums(engine: Engine) -> dict[str, str]:

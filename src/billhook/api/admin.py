@@ -30,6 +30,7 @@ import billhook
 from billhook.api.admin_models import (
     AuditPage,
     AuditRecord,
+    DeadEffectPage,
     DeadLetterPage,
     ErrorBody,
     Event,
@@ -43,6 +44,7 @@ from billhook.api.admin_models import (
 from billhook.api.errors import error_response
 from billhook.api.replay_models import ReplayBody, ReplayOutcome
 from billhook.config import Settings
+from billhook.effects.deadletter import DeadEffect, list_dead_effects, redrive_effect
 from billhook.errors import BillhookError, Forbidden, InvalidRequest, Unauthorized
 from billhook.observability import get_logger
 from billhook.ops import audit as audit_ops
@@ -130,6 +132,7 @@ _Until = Query(None, ge=0, allow_inf_nan=False, description="Epoch seconds, excl
 _Limit = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT)
 _Cursor = Query(None, description="`next_cursor` of the previous page.")
 _JobId = Path(ge=1, le=MAX_ID)
+_EffectId = Path(ge=1, le=MAX_ID)
 
 
 @router.get("/status", tags=["operations"])
@@ -260,6 +263,30 @@ def redrive_dead_letter(
         ),
     )
     return Redriven(redriven=result.count, job_ids=result.job_ids)
+
+
+@router.get("/dead-effects", tags=["queue"])
+def list_dead_effect_letters(
+    request: Request,
+    limit: int = Query(100, ge=1, le=dlq.MAX_LIMIT),
+    _: Principal = Depends(viewer),
+) -> DeadEffectPage:
+    """Emails and HTTP effects that could not be delivered, oldest first, with their last error."""
+    return DeadEffectPage(items=list_dead_effects(engine_of(request), limit=limit))
+
+
+@router.post("/dead-effects/{effect_id}/redrive", tags=["queue"])
+def redrive_dead_effect(
+    effect_id: int = _EffectId,
+    *,
+    act: OperatorAction = Depends(operator),
+) -> DeadEffect:
+    """Send a dead effect again under the same idempotency key, with a fresh attempt budget."""
+    return act.perform(
+        "redrive_effect",
+        {"effect_id": effect_id},
+        lambda: redrive_effect(act.engine, effect_id, time.time()),
+    )
 
 
 @router.post("/pause", tags=["operations"])

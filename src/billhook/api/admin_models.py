@@ -10,6 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from billhook.effects.deadletter import DeadEffect
 from billhook.ops.audit import AuditEntry
 from billhook.ops.dlq import DeadJob
 from billhook.ops.events import DeliveryView, EventDetail, EventSummary
@@ -125,6 +126,10 @@ class JobPage(BaseModel):
 class DeadLetterPage(BaseModel):
     items: list[DeadJob]
     next_after_id: int | None = Field(description="Pass as `after_id` for the next page.")
+
+
+class DeadEffectPage(BaseModel):
+    items: list[DeadEffect]
 
 
 class Redriven(BaseModel):
