@@ -342,6 +342,38 @@ def _table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def run_queue_bench(jobs: int, latency_jobs: int, quick: bool = False,
+                    processes: int = 2) -> dict[str, object]:
+    """billhook and pgqueuer on PostgreSQL (procrastinate and SQLite too unless `quick`)."""
+    results: list[Result] = []
+    with _pg_database() as url:
+        results.append(bench_billhook(url, "billhook (PostgreSQL)", jobs, latency_jobs, processes))
+    for system in ("pgqueuer",) if quick else ("pgqueuer", "procrastinate"):
+        with _pg_database() as url:
+            results.append(bench_foreign(system, url, jobs, latency_jobs, processes))
+    if not quick:
+        with tempfile.TemporaryDirectory() as scratch:
+            url = f"sqlite:///{scratch}/bench.db"
+            results.append(bench_billhook(url, "billhook (SQLite)", jobs, latency_jobs,
+                                          processes))
+    by_system = {r.system: r for r in results}
+    ours, theirs = by_system["billhook (PostgreSQL)"], by_system["pgqueuer"]
+    text = (
+        "## Queue: no-op jobs, billhook beside pgqueuer (and procrastinate)\n\n"
+        f"{processes} worker processes per system, {CONCURRENCY} concurrent jobs each (pgqueuer: "
+        "its defaults), same no-op handler, fresh database per system; throughput = one "
+        f"transaction enqueues {jobs:,} jobs, clock stops when the last is done; pickup = enqueue "
+        "-> handler start for jobs enqueued one commit every 5 ms.\n\n"
+        f"{_table(results)}\n\n- billhook / pgqueuer on the same PostgreSQL: "
+        f"{ours.throughput / theirs.throughput:.2f}x (target >= 1.5x)."
+    )
+    return {
+        "queue_jps_postgres": round(ours.throughput, 1),
+        "pgqueuer_jps_postgres": round(theirs.throughput, 1),
+        "markdown": text,
+    }
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         _child(*sys.argv[2:5])

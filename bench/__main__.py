@@ -1,0 +1,129 @@
+"""The whole benchmark suite: `make bench` (= `python -m bench`) rewrites bench/RESULTS.md.
+
+    .venv/bin/python -m bench                 # full suite, rewrites bench/RESULTS.md
+    .venv/bin/python -m bench --quick --json  # ~ a minute or two: one JSON object on stdout
+
+Each bench module returns a dict of figures plus its own markdown section (`"markdown"`); this
+module runs them in one process tree, one after the other, and writes the report (machine,
+date, load, versions, command, then the sections). Progress goes to stderr. Benchmarks need
+PostgreSQL at 127.0.0.1:5432 (user postgres; BILLHOOK_BENCH_POSTGRES_URL to change it); each
+creates and drops its own databases. Run under `flock /tmp/billhook-bench.lock` on a shared
+machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from bench._common import ROOT, say
+from bench.report import environment, write_report
+
+Section = Callable[[], dict[str, Any]]
+
+
+def _ingest(quick: bool) -> dict[str, Any]:
+    from bench import ingest
+
+    runner = getattr(ingest, "run_ingest_bench", None)
+    if runner is None:
+        raise RuntimeError("bench.ingest has no run_ingest_bench(duration, quick) yet")
+    result: dict[str, Any] = runner(duration=3.0 if quick else 6.0, quick=quick)
+    return result
+
+
+def _pipeline(quick: bool) -> dict[str, Any]:
+    from bench.pipeline import run_pipeline_bench
+
+    return run_pipeline_bench(events=3000 if quick else 20000)
+
+
+def _queue(quick: bool) -> dict[str, Any]:
+    from bench.queue import run_queue_bench
+
+    return run_queue_bench(jobs=2000 if quick else 5000, latency_jobs=50 if quick else 200,
+                           quick=quick)
+
+
+def _replay(quick: bool) -> dict[str, Any]:
+    from bench.replay import run_replay_bench
+
+    return run_replay_bench(events=2000 if quick else 10000, postgres=not quick)
+
+
+def _memory(quick: bool) -> dict[str, Any]:
+    from bench.memory import run_memory_bench
+
+    small, large = (2000, 10000) if quick else (100_000, 1_000_000)
+    return run_memory_bench(small, large)
+
+
+def _profile(quick: bool) -> dict[str, Any]:
+    from bench.profile import run_profile
+
+    return run_profile(events=500 if quick else 3000)
+
+
+SECTIONS: dict[str, Callable[[bool], dict[str, Any]]] = {
+    "ingest": _ingest,
+    "pipeline": _pipeline,
+    "queue": _queue,
+    "replay": _replay,
+    "memory": _memory,
+    "profile": _profile,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller runs (about a minute)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    parser.add_argument("--only", action="append", choices=tuple(SECTIONS), help="repeatable")
+    parser.add_argument("--no-write", action="store_true", help="leave bench/RESULTS.md alone")
+    args = parser.parse_args()
+    os.chdir(ROOT)
+    env = environment()
+    say(f"bench: load average before the run {env['load_before']}")
+    figures: dict[str, Any] = {}
+    sections: list[tuple[str, str]] = []
+    failures: dict[str, str] = {}
+    for name in args.only or SECTIONS:
+        say(f"== {name}")
+        try:
+            result = SECTIONS[name](args.quick)
+        except Exception as exc:
+            say(f"{name} failed: {type(exc).__name__}: {exc}")
+            failures[name] = f"{type(exc).__name__}: {exc}"
+            sections.append((name, f"## {name}\n\nFailed in this run: `{failures[name]}`"))
+            continue
+        sections.append((name, str(result.pop("markdown", ""))))
+        result.pop("results", None)
+        figures.update(result)
+    env["load_after"] = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    env["finished"] = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    command = "python -m bench " + " ".join(sys.argv[1:])
+    if not args.no_write and not args.quick:
+        write_report(ROOT / "bench" / "RESULTS.md", env, command.strip(), figures, sections)
+    elif not args.no_write:
+        # A quick run is a smoke test: its report goes beside the real one, not over it.
+        path = Path(tempfile.gettempdir()) / "billhook-bench-quick.md"
+        write_report(path, env, command.strip(), figures, sections)
+        say(f"quick report written to {path}")
+    if args.json:
+        payload = {**figures, "quick": args.quick, "load_before": env["load_before"],
+                   "load_after": env["load_after"], "failures": failures}
+        sys.stdout.write(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS).decode() + "\n")
+    if failures:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""What the bench modules share: fresh databases, real billhook processes, an SMTP sink, stderr."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+ROOT = Path(__file__).resolve().parents[1]
+PG_ADMIN_URL = os.environ.get(
+    "BILLHOOK_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+STRIPE_SECRET = "whsec_bench_secret"
+_INVOICE = re.compile(rb"in_[0-9a-f]{24}")
+
+
+def say(*parts: object) -> None:
+    """Progress goes to stderr, so `--json` keeps stdout for the one JSON object."""
+    print(*parts, file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str, step: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(step)
+
+
+@contextmanager
+def database(kind: str, scratch: Path) -> Iterator[str]:
+    """A fresh, migrated database URL of `kind` ('sqlite' or 'postgresql'), dropped afterwards."""
+    from billhook.store.engine import create_engine
+    from billhook.store.migrate import upgrade
+
+    if kind == "sqlite":
+        url = f"sqlite:///{scratch / f'bench-{uuid.uuid4().hex[:8]}.db'}"
+        engine = create_engine(url)
+        upgrade(engine)
+        engine.dispose()
+        yield url
+        return
+    admin = sa.create_engine(
+        PG_ADMIN_URL.replace("postgresql://", "postgresql+psycopg://", 1),
+        isolation_level="AUTOCOMMIT",
+    )
+    name = f"billhook_bench_{uuid.uuid4().hex[:8]}"
+    with admin.connect() as connection:
+        connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    url = f"{PG_ADMIN_URL.rpartition('/')[0]}/{name}"
+    try:
+        engine = create_engine(url)
+        upgrade(engine)
+        engine.dispose()
+        yield url
+    finally:
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+
+def billhook_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BILLHOOK_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env.update({"BILLHOOK_LOG_LEVEL": "warning", "BILLHOOK_LOG_FORMAT": "json"})
+    env.update(extra)
+    return env
+
+
+@contextmanager
+def processes(
+    commands: list[list[str]], env: dict[str, str], logs: Path | None = None
+) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Real child processes (`python -m billhook ...`), stopped with SIGTERM (then SIGKILL).
+
+    With `logs`, each child's stderr goes to `logs/<n>-<command>.log`, shown if the block fails.
+    """
+    started = []
+    paths: list[Path] = []
+    for n, command in enumerate(commands):
+        err: int | Any = subprocess.DEVNULL
+        if logs is not None:
+            paths.append(logs / f"{n}-{'-'.join(command)[:40]}.log")
+            err = paths[-1].open("wb")
+        started.append(
+            subprocess.Popen(
+                [sys.executable, "-m", *command], env=env, cwd=ROOT,
+                stdout=subprocess.DEVNULL, stderr=err,
+            )
+        )
+    try:
+        yield started
+    except BaseException:
+        for path in paths:
+            say(f"--- {path.name} (last lines)")
+            say(*path.read_text(errors="replace").splitlines()[-15:], sep="\n")
+        raise
+    finally:
+        for process in started:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in started:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+class SmtpSink:
+    """A local SMTP server (aiosmtpd) that accepts everything and stamps each hand-over.
+
+    The handler only appends (time, raw bytes); invoice ids are extracted after the run, so the
+    sink costs the measured system as little CPU as possible.
+    """
+
+    def __init__(self) -> None:
+        from aiosmtpd.controller import Controller
+
+        self.received: list[tuple[float, bytes]] = []
+        self._lock = threading.Lock()
+        self.port = free_port()
+        self._controller = Controller(self, hostname="127.0.0.1", port=self.port)
+
+    @property
+    def url(self) -> str:
+        return f"smtp://127.0.0.1:{self.port}"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        stamp = time.time()
+        with self._lock:
+            self.received.append((stamp, bytes(envelope.content)))
+        await asyncio.sleep(0)
+        return "250 OK"
+
+    def count(self) -> int:
+        return len(self.received)
+
+    def __enter__(self) -> SmtpSink:
+        self._controller.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._controller.stop()
+
+    def first_by_invoice(self) -> dict[str, float]:
+        """Invoice id -> when its first message was handed over."""
+        seen: dict[str, float] = {}
+        with self._lock:
+            received = list(self.received)
+        for stamp, content in received:
+            match = _INVOICE.search(content)
+            if match is not None:
+                seen.setdefault(match.group().decode(), stamp)
+        return seen
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(int(q * len(ordered)), len(ordered) - 1)]

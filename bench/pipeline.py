@@ -1,0 +1,253 @@
+"""Pipeline benchmark: signed deliveries over HTTP -> state applied -> email handed to SMTP.
+
+    .venv/bin/python -m bench.pipeline [--events 20000] [--workers 2] [--skip-postgres]
+
+Real processes, as `billhook run` starts them: one `billhook serve` and `--workers`
+`billhook worker` (with its effect dispatcher) against one fresh database, mail to a local
+aiosmtpd sink in this process. wrk sends `--events` unique signed `invoice.paid` events (each a
+new invoice, so each must end in exactly one payment receipt) over 32 connections, as fast as
+the server answers. The clock starts when wrk starts and stops at the last receipt handed over.
+
+- events/s: events / (last hand-over - start); the ingest and drain phases are shown apart;
+- latency: per invoice, from `events.received_at` (stamped when the delivery arrives, before its
+  commit and its 2xx: an upper bound on 2xx -> hand-off by the ingest latency) to the moment
+  the sink received its receipt. p50 / p99.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+import sqlalchemy as sa
+
+from bench._common import (
+    STRIPE_SECRET,
+    SmtpSink,
+    billhook_env,
+    database,
+    free_port,
+    percentile,
+    processes,
+    say,
+    wait_for,
+)
+from bench._events import paid_bodies, signed
+
+CONNECTIONS = 32
+# Each wrk thread sends its own slice of the file once; past the end it repeats its last event
+# (a duplicate, answered but not counted) until the run is stopped.
+LUA = r"""
+local requests = {}
+local n = 0
+local i = 0
+local threads = 0
+function setup(thread)
+  thread:set("id", threads)
+  threads = threads + 1
+end
+function init(args)
+  local total = tonumber(args[2])
+  local k = 0
+  for line in io.lines(args[1]) do
+    if k % total == id then
+      local tab = line:find("\t", 1, true)
+      n = n + 1
+      requests[n] = wrk.format("POST", "/webhooks/stripe",
+        {["Content-Type"] = "application/json", ["Stripe-Signature"] = line:sub(1, tab - 1)},
+        line:sub(tab + 1))
+    end
+    k = k + 1
+  end
+end
+function request()
+  i = i + 1
+  if i > n then i = n end
+  return requests[i]
+end
+"""
+
+
+@dataclass
+class PipelineResult:
+    database: str
+    events: int
+    workers: int
+    seconds: float
+    ingest_seconds: float
+    events_per_s: float
+    latency_p50_ms: float
+    latency_p99_ms: float
+    receipts: int
+    duplicates_sent: int
+
+
+def run(kind: str, events: int, workers: int, scratch: Path) -> PipelineResult:
+    if shutil.which("wrk") is None:
+        raise RuntimeError("bench.pipeline needs wrk (Debian package `wrk`)")
+    scratch.mkdir(parents=True, exist_ok=True)
+    now = int(time.time())
+    requests = scratch / f"pipeline-{kind}.txt"
+    invoice_ids: list[str] = []
+    with requests.open("wb") as handle:
+        for invoice_id, body in paid_bodies(events, now):
+            invoice_ids.append(invoice_id)
+            handle.write(signed(body, now).encode() + b"\t" + body + b"\n")
+    script = scratch / "pipeline.lua"
+    script.write_text(LUA)
+    port = free_port()
+    with SmtpSink() as sink, database(kind, scratch) as url:
+        env = billhook_env(
+            BILLHOOK_DATABASE_URL=url,
+            BILLHOOK_STRIPE_WEBHOOK_SECRETS=STRIPE_SECRET,
+            BILLHOOK_SMTP_URL=sink.url,
+            BILLHOOK_DATA_DIR=str(scratch),
+            BILLHOOK_PORT=str(port),
+        )
+        commands = [["billhook", "serve"]] + [["billhook", "worker"]] * workers
+        engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+        try:
+            with processes(commands, env, logs=scratch):
+                base = f"http://127.0.0.1:{port}"
+                wait_for(lambda: _ready(base), 60, "billhook serve")
+                time.sleep(1.0)  # workers import and connect; idle start-up is not measured
+                started = time.time()
+                wrk = subprocess.Popen(
+                    ["wrk", "-t2", f"-c{CONNECTIONS}", "-d600s", "--timeout", "10s",
+                     "-s", str(script), base, "--", str(requests), "2"],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                try:
+                    stored, ingested = _wait_stored(engine, events)
+                finally:
+                    wrk.send_signal(signal.SIGINT)
+                    wrk.wait(timeout=30)
+                wait_for(lambda: sink.count() >= stored, 300, "receipts", step=0.05)
+                time.sleep(0.5)  # a late duplicate would show here
+            latencies = _latencies(engine, sink.first_by_invoice(), set(invoice_ids))
+        finally:
+            engine.dispose()
+        last = max(stamp for stamp, _ in sink.received)
+        seconds = last - started
+        return PipelineResult(
+            database=kind,
+            events=stored,
+            workers=workers,
+            seconds=seconds,
+            ingest_seconds=ingested - started,
+            events_per_s=stored / seconds,
+            latency_p50_ms=percentile(latencies, 0.5),
+            latency_p99_ms=percentile(latencies, 0.99),
+            receipts=len(latencies),
+            duplicates_sent=sink.count() - len(latencies),
+        )
+
+
+def _wait_stored(engine: sa.engine.Engine, events: int) -> tuple[int, float]:
+    """Until every event is stored, or none more arrive for 3 s (wrk may skip one per thread);
+    returns how many were stored and when the last one was seen."""
+    last, changed = -1, time.monotonic()
+    deadline = changed + 300
+    while time.monotonic() < deadline:
+        count = _stored(engine)
+        if count >= events:
+            return count, time.time()
+        if count != last:
+            last, changed = count, time.monotonic()
+        elif count and time.monotonic() - changed > 3:
+            return count, time.time() - (time.monotonic() - changed)
+        time.sleep(0.05)
+    raise RuntimeError(f"ingest stalled at {last} of {events} events")
+
+
+def _ready(base: str) -> bool:
+    try:
+        return httpx.get(base + "/readyz", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def _stored(engine: sa.engine.Engine) -> int:
+    with engine.connect() as connection:
+        return int(connection.execute(sa.text("SELECT count(*) FROM events")).scalar_one())
+
+
+def _latencies(
+    engine: sa.engine.Engine, handed: dict[str, float], expected: set[str]
+) -> list[float]:
+    with engine.connect() as connection:
+        arrived = dict(
+            (row[0], row[1])
+            for row in connection.execute(sa.text("SELECT ordering_key, received_at FROM events"))
+        )
+    return [
+        (handed[invoice] - float(arrived[invoice])) * 1000
+        for invoice in expected
+        if invoice in handed and invoice in arrived
+    ]
+
+
+def run_pipeline_bench(events: int, workers: int = 2, postgres: bool = True) -> dict[str, object]:
+    """Both databases; returns the JSON keys and a markdown section."""
+    results: list[PipelineResult] = []
+    with tempfile.TemporaryDirectory(prefix="billhook-pipeline-") as tmp:
+        for kind in ("sqlite", "postgresql") if postgres else ("sqlite",):
+            say(f"pipeline: {kind}, {events} events, {workers} worker process(es)")
+            results.append(run(kind, events, workers, Path(tmp) / kind))
+            say("  ", asdict(results[-1]))
+    by_kind = {r.database: r for r in results}
+    out: dict[str, object] = {
+        "pipeline_eps_sqlite": round(by_kind["sqlite"].events_per_s, 1),
+        "pipeline_p99_ms_sqlite": round(by_kind["sqlite"].latency_p99_ms, 1),
+        "markdown": markdown(results),
+        "results": [asdict(r) for r in results],
+    }
+    if "postgresql" in by_kind:
+        out["pipeline_eps_postgres"] = round(by_kind["postgresql"].events_per_s, 1)
+        out["pipeline_p99_ms_postgres"] = round(by_kind["postgresql"].latency_p99_ms, 1)
+    return out
+
+
+def markdown(results: list[PipelineResult]) -> str:
+    lines = [
+        "## Pipeline: HTTP -> state -> email handed to SMTP",
+        "",
+        "One `billhook serve` + N `billhook worker` processes (each with its effect dispatcher), "
+        f"a local aiosmtpd sink; wrk sends unique signed `invoice.paid` events over "
+        f"{CONNECTIONS} connections; each must end in exactly one receipt. events/s = events / "
+        "(last hand-over - wrk start). Latency: `received_at` (arrival, before the 2xx) -> "
+        "hand-over, per invoice.",
+        "",
+        "| database | workers | events | ingest s | total s | events/s | p50 ms | p99 ms "
+        "| receipts | extra mails |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.database} | {r.workers} | {r.events:,} | {r.ingest_seconds:.1f} | "
+            f"{r.seconds:.1f} | {r.events_per_s:,.0f} | {r.latency_p50_ms:,.0f} | "
+            f"{r.latency_p99_ms:,.0f} | {r.receipts:,} | {r.duplicates_sent} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=20000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--skip-postgres", action="store_true")
+    args = parser.parse_args()
+    out = run_pipeline_bench(args.events, args.workers, not args.skip_postgres)
+    print(out["markdown"])
+
+
+if __name__ == "__main__":
+    main()
