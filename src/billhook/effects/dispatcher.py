@@ -66,6 +66,8 @@ class _Claimed:
     resends: int
     created_at: float
     recipient: str | None = None
+    # Attempts recorded for this row before this claim (numbering continues from here).
+    recorded_attempts: int = 0
 
 
 class EffectDispatcher:
@@ -149,6 +151,7 @@ class EffectDispatcher:
                 replace(e, resends=e.resends + 1) if e.id in in_doubt else e for e in rescued
             ]
             claimed = self._with_recipients(connection, rescued + fresh)
+            claimed = _with_attempt_counts(connection, claimed)
         for effect in claimed:
             if effect.id in in_doubt:
                 EFFECTS_RESENT.labels(effect.channel, effect.kind).inc()
@@ -354,25 +357,15 @@ class EffectDispatcher:
             applied = [self._apply(connection, outcome, now) for outcome in done]
             if opening is not None:
                 renewed = connection.execute(
-                    sa.update(effects)
-                    .where(self._ours(opening))
-                    .values(lease_expires_at=now + self._lease)
+                    _RENEW, {**_ours(opening), "lease": now + self._lease}
                 ).rowcount
                 if renewed:
                     attempt_id = _insert_attempt(
-                        connection, opening.id, now, "sending", None, finished=False
+                        connection, opening, now, "sending", None, finished=False
                     )
         for outcome, ours in zip(done, applied, strict=True):
             self._observe(outcome, lost=not ours)
         return attempt_id
-
-    def _ours(self, effect: _Claimed) -> sa.ColumnElement[bool]:
-        # A dispatcher that reclaimed the row after our lease ran out has bumped `attempts`.
-        return sa.and_(
-            effects.c.id == effect.id,
-            effects.c.state == "sending",
-            effects.c.attempts == effect.attempts,
-        )
 
     def _apply(self, connection: Connection, outcome: _Outcome, now: float) -> bool:
         """Write one outcome; False if the row was no longer ours (its attempt is still closed)."""
@@ -380,39 +373,39 @@ class EffectDispatcher:
         if outcome.error is None:
             assert outcome.attempt_id is not None
             connection.execute(
-                sa.update(effect_attempts)
-                .where(effect_attempts.c.id == outcome.attempt_id)
-                .values(outcome="resent" if effect.resends else "sent", finished_at=now)
+                _CLOSE_ATTEMPT,
+                {
+                    "attempt_id": outcome.attempt_id,
+                    "outcome": "resent" if effect.resends else "sent",
+                    "now": now,
+                    "error": None,
+                },
             )
-            values: dict[str, Any] = {
-                "state": "sent",
-                "sent_at": now,
-                "lease_expires_at": None,
-                "last_error": None,
-            }
+            updated = connection.execute(_MARK_SENT, {**_ours(effect), "now": now}).rowcount
+            return bool(updated)
+        if outcome.attempt_id is None:
+            _insert_attempt(connection, effect, now, "failed", outcome.error, finished=True)
         else:
-            if outcome.attempt_id is None:
-                _insert_attempt(connection, effect.id, now, "failed", outcome.error, finished=True)
-            else:
-                connection.execute(
-                    sa.update(effect_attempts)
-                    .where(effect_attempts.c.id == outcome.attempt_id)
-                    .values(outcome="failed", finished_at=now, error=outcome.error)
-                )
-            values = {"lease_expires_at": None, "last_error": outcome.error}
-            if outcome.dead:
-                values["state"] = "dead"
-            else:
-                values["state"] = "retryable"
-                values["run_at"] = next_run_at(
-                    now,
-                    effect.attempts,
-                    self._settings.retry_base_seconds,
-                    self._settings.retry_max_seconds,
-                    self._rng,
-                )
+            connection.execute(
+                _CLOSE_ATTEMPT,
+                {"attempt_id": outcome.attempt_id, "outcome": "failed", "now": now,
+                 "error": outcome.error},
+            )
+        values: dict[str, Any] = {"lease_expires_at": None, "last_error": outcome.error}
+        if outcome.dead:
+            values["state"] = "dead"
+        else:
+            values["state"] = "retryable"
+            values["run_at"] = next_run_at(
+                now,
+                effect.attempts,
+                self._settings.retry_base_seconds,
+                self._settings.retry_max_seconds,
+                self._rng,
+            )
         updated = connection.execute(
-            sa.update(effects).where(self._ours(effect)).values(**values)
+            sa.update(effects).where(_THIS, _OURS).values(**values),
+            _ours(effect),
         ).rowcount
         return bool(updated)
 
@@ -453,30 +446,90 @@ class _Outcome:
 
 def _insert_attempt(
     connection: Connection,
-    effect_id: int,
+    effect: _Claimed,
     now: float,
     outcome: str,
     error: str | None,
     *,
     finished: bool,
 ) -> int:
-    # Numbered over the effect's whole history, so attempts after a redrive keep counting up.
-    previous = connection.execute(
-        sa.select(sa.func.count())
-        .select_from(effect_attempts)
-        .where(effect_attempts.c.effect_id == effect_id)
-    ).scalar_one()
+    # Numbered over the effect's whole history (counted at claim: while the lease is ours no
+    # one else adds attempts, and one claim opens at most one), so a redrive keeps counting up.
     return int(
         connection.execute(
-            sa.insert(effect_attempts)
-            .values(
-                effect_id=effect_id,
-                attempt=int(previous) + 1,
-                started_at=now,
-                finished_at=now if finished else None,
-                outcome=outcome,
-                error=error,
-            )
-            .returning(effect_attempts.c.id)
+            _INSERT_ATTEMPT,
+            {
+                "effect_id": effect.id,
+                "attempt": effect.recorded_attempts + 1,
+                "started_at": now,
+                "finished_at": now if finished else None,
+                "outcome": outcome,
+                "error": error,
+            },
         ).scalar_one()
     )
+
+
+def _with_attempt_counts(connection: Connection, claimed: list[_Claimed]) -> list[_Claimed]:
+    if not claimed:
+        return claimed
+    # A result has `.keys()`, so dict() would take it for a mapping: build it row by row.
+    counts = {
+        int(row[0]): int(row[1])
+        for row in connection.execute(
+            sa.select(effect_attempts.c.effect_id, sa.func.count())
+            .where(effect_attempts.c.effect_id.in_([e.id for e in claimed]))
+            .group_by(effect_attempts.c.effect_id)
+        )
+    }
+    return [replace(e, recorded_attempts=int(counts.get(e.id, 0))) for e in claimed]
+
+
+def _ours(effect: _Claimed) -> dict[str, Any]:
+    return {"effect_id": effect.id, "claimed_attempts": effect.attempts}
+
+
+# Statements of the per-message commits, built once: building them costs more CPU than running
+# them. A dispatcher that reclaimed the row after our lease ran out has bumped `attempts`, so
+# `_OURS` (id, still sending, same attempts) is what says the row is still ours.
+_OURS = sa.and_(
+    effects.c.state == "sending",
+    effects.c.attempts == sa.bindparam("claimed_attempts", type_=sa.Integer()),
+)
+_THIS = effects.c.id == sa.bindparam("effect_id", type_=sa.BigInteger())
+_RENEW = (
+    sa.update(effects)
+    .where(_THIS, _OURS)
+    .values(lease_expires_at=sa.bindparam("lease", type_=sa.Double()))
+)
+_MARK_SENT = (
+    sa.update(effects)
+    .where(_THIS, _OURS)
+    .values(
+        state="sent",
+        sent_at=sa.bindparam("now", type_=sa.Double()),
+        lease_expires_at=None,
+        last_error=None,
+    )
+)
+_CLOSE_ATTEMPT = (
+    sa.update(effect_attempts)
+    .where(effect_attempts.c.id == sa.bindparam("attempt_id", type_=sa.BigInteger()))
+    .values(
+        outcome=sa.bindparam("outcome", type_=sa.String()),
+        finished_at=sa.bindparam("now", type_=sa.Double()),
+        error=sa.bindparam("error", type_=sa.Text()),
+    )
+)
+_INSERT_ATTEMPT = (
+    sa.insert(effect_attempts)
+    .values(
+        effect_id=sa.bindparam("effect_id", type_=sa.BigInteger()),
+        attempt=sa.bindparam("attempt", type_=sa.Integer()),
+        started_at=sa.bindparam("started_at", type_=sa.Double()),
+        finished_at=sa.bindparam("finished_at", type_=sa.Double()),
+        outcome=sa.bindparam("outcome", type_=sa.String()),
+        error=sa.bindparam("error", type_=sa.Text()),
+    )
+    .returning(effect_attempts.c.id)
+)
