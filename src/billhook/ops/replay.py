@@ -98,6 +98,8 @@ EXIT_EVENTS_FAILED = 1
 RESEND_KINDS = ("payment_receipt", "refund_notice", "payment_failed_notice")
 # A worker may write the same invoice meanwhile; the loser re-reads and applies again.
 CONCURRENT_RETRIES = 5
+# Events applied per transaction: one commit for many, while the write lock is held briefly.
+GROUP = 100
 
 T = TypeVar("T")
 
@@ -256,47 +258,82 @@ class _Run:
 
     def _apply_all(self, event_pks: Sequence[int]) -> None:
         processor = Processor(self.settings, clock=self.clock)
-        # One connection, one transaction per event: no pool churn, and between two events no
-        # transaction is open (SQLite's write lock is free for ingest and the workers).
+        # One connection; events that change something are applied GROUP at a time in one
+        # transaction (one commit), and between two groups no transaction is open (SQLite's write
+        # lock is free for ingest and the workers). A group is all or nothing and re-application
+        # is idempotent, so an interrupted replay is finished by running it again.
         with self.engine.connect() as connection:
             for chunk in chunks(event_pks):
                 with _begin(connection):
                     decoded = [_decoded(stored) for stored in load_events(connection, chunk)]
                     known = _Known.read(connection, [d.event for d in decoded if d.event])
                 marks: dict[str, list[int]] = {"processed": [], "ignored": []}
+                pending: list[_Decoded] = []
                 for item in decoded:
-                    self._apply_one(connection, processor, item, known, marks)
-                    if self.on_event is not None:
-                        self.on_event()
+                    if self._settled(item, known, marks):
+                        self._tick(1)
+                    else:
+                        pending.append(item)
+                for start in range(0, len(pending), GROUP):
+                    group = pending[start : start + GROUP]
+                    if not self._apply_group(connection, processor, group):
+                        # Something in the group needs its own transaction (a concurrent
+                        # writer, an event that fails): the group again, one event at a time.
+                        for item in group:
+                            self._apply_one(connection, processor, item)
+                    self._tick(len(group))
                 with _begin(connection):
                     now = self.clock()
                     for outcome, pks in marks.items():
                         if pks:
                             _mark(connection, pks, outcome, now)
 
-    def _apply_one(
-        self,
-        connection: Connection,
-        processor: Processor,
-        item: _Decoded,
-        known: _Known,
-        marks: dict[str, list[int]],
-    ) -> None:
+    def _tick(self, count: int) -> None:
+        if self.on_event is not None:
+            for _ in range(count):
+                self.on_event()
+
+    def _settled(self, item: _Decoded, known: _Known, marks: dict[str, list[int]]) -> bool:
+        """Settle what needs no write transaction; False for events to apply."""
         stored, event = item.stored, item.event
         if item.error is not None:
             self._fail(stored, item.error)
-            return
+            return True
         if event is None:
             self.ignored += 1
             if stored.outcome != "ignored":
                 marks["ignored"].append(stored.pk)
-            return
+            return True
         if known.already_applied(event):
             # The same no-op `apply_event` would find, without a transaction per event.
             self.applied += 1
             if stored.outcome != "processed":
                 marks["processed"].append(stored.pk)
-            return
+            return True
+        return False
+
+    def _apply_group(
+        self, connection: Connection, processor: Processor, group: Sequence[_Decoded]
+    ) -> bool:
+        """All of `group` in one transaction; False (nothing written) if any event refused."""
+        try:
+            with _begin(connection):
+                for item in group:
+                    assert item.event is not None
+                    processor.apply_event(
+                        connection, item.event, source=item.stored.source, event_pk=item.stored.pk
+                    )
+                unmarked = [item.stored.pk for item in group if item.stored.outcome != "processed"]
+                if unmarked:
+                    _mark(connection, unmarked, "processed", self.clock())
+        except (ConcurrentUpdate, UnprocessableEvent, InvoiceNotYetKnown, ValueError):
+            return False
+        self.applied += len(group)
+        return True
+
+    def _apply_one(self, connection: Connection, processor: Processor, item: _Decoded) -> None:
+        stored, event = item.stored, item.event
+        assert event is not None
         for attempt in range(CONCURRENT_RETRIES):
             try:
                 with _begin(connection):
