@@ -1,25 +1,47 @@
 """Ingest benchmark: signed Stripe deliveries to billhook (SQLite, PostgreSQL) and a bare ceiling.
 
-    .venv/bin/python -m bench.ingest [--duration 6] [--client auto|wrk|httpx] [--no-write]
+    .venv/bin/python -m bench.ingest [--duration 6] [--quick] [--processes N] [--profile]
+                                     [--client auto|wrk|httpx] [--no-write] [--json]
 
-For each server (a bare Starlette endpoint that answers 200 without storing: the HTTP ceiling of
-this machine; billhook on SQLite; billhook on PostgreSQL) and each connection count (1, 32) it
-sends unique, freshly signed ~2 KB Stripe events for `--duration` seconds and reports requests/s,
-accepted/s (events durably stored, counted in the database afterwards) and p50/p99 latency.
+For each server (a bare Starlette endpoint on uvicorn, one process, that answers 200 without
+storing: the HTTP ceiling of this machine; `billhook serve` on SQLite; `billhook serve` on
+PostgreSQL) and each connection count (1, 32; `--quick`: 32 only) it sends unique, freshly signed
+~2 KB Stripe events for `--duration` seconds and reports requests/s, accepted/s (events durably
+stored, counted in the database afterwards) and p50/p99 latency. Then, for the same duration, it
+re-sends 2,000 events stored beforehand (every delivery a duplicate) to measure what a duplicate
+costs.
+
+For the suite (`python -m bench`):
+
+    run_ingest_bench(duration: float = 6.0, quick: bool = False, *, processes: int | None = None,
+                     profile: bool = False, client: str = "auto", skip_postgres: bool = False)
+        -> dict
+
+returns one JSON-able dict: `ceiling_rps` (bare Starlette, 32 connections); for db in (sqlite,
+postgres): `ingest_rps_<db>` (accepted/s at 32 connections), `ingest_p99_ms_<db>`,
+`ingest_ratio_<db>` (ingest_rps / ceiling_rps), `duplicate_rps_<db>`; `duplicate_cost_ratio` =
+the larger over both databases of (new-event requests/s / duplicate requests/s), i.e. time per
+duplicate / time per new event (<= 1.0: a duplicate costs no more than a new event);
+`server_processes` ({database: N}), `client`, `load_average`, `date`, `rows` (each table row as
+a dict), `table` (the markdown table) and `profile_top` (`profile=True`: py-spy self time).
+`write_results(result, command)` replaces only the "# Ingest benchmark" section of
+bench/RESULTS.md.
 
 Load comes from `wrk` (Debian package `wrk`) when it is installed: pre-signed requests are fed to
 it by a Lua script. Without wrk, an asyncio httpx client is used instead (no install needed); it is
-much slower than wrk, so its figures measure the client as much as the server. The table says
-which one ran. Results are written to bench/RESULTS.md.
+much slower than wrk, so its figures measure the client as much as the server. Record runs under
+`flock /tmp/billhook-bench.lock` so two benchmarks never share the machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import datetime as dt
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -30,8 +52,9 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
@@ -42,8 +65,15 @@ from billhook.sources.templates import build_event
 
 SECRET = "whsec_bench_secret"
 CONNECTIONS = (1, 32)
-PG_ADMIN_URL = os.environ.get("BILLHOOK_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+PG_ADMIN_URL = os.environ.get(
+    "BILLHOOK_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
 ROOT = Path(__file__).resolve().parent
+# Server processes per database, measured (bench/RESULTS.md): on PostgreSQL two processes on two
+# cores answer more than one; on SQLite a second process only waits for the one write lock (its
+# busy handler sleeps, p99 near 1 s), so one process with one group-commit writer is best.
+DEFAULT_PROCESSES = {"sqlite": 1, "postgres": 2}
+SECTION = "# Ingest benchmark"
 LUA = r"""
 local requests = {}
 local n = 0
@@ -76,22 +106,18 @@ function done(summary, latency, requests)
 end
 """
 
-
 NOTES = """## Reading these figures
 
 - One connection is bound by commit latency: every delivery waits for its own fsync
   (SQLite WAL with `synchronous=FULL`; PostgreSQL `fsync` on commit). Nothing to group.
-- At 32 connections the `EventWriter` commits the deliveries that arrived together in one
-  transaction, written with a multi-row `INSERT ... ON CONFLICT DO NOTHING RETURNING`, one
-  multi-row jobs insert and one deliveries insert. Profiled on SQLite, a batch of 32 costs one
-  commit (~6.5 ms, GIL released) plus ~5 ms of Python, most of it SQLAlchemy parameter
-  processing (`construct_params`, one call per row per statement); the HTTP side adds the
-  per-request log line and metrics.
-- The issue's aim is durable ingest at >= 25% of the ceiling on SQLite. Not met yet: next steps
-  are writing the batch through the DBAPI cursor (skipping SQLAlchemy's per-row parameter
-  processing), a cheaper per-delivery log line, and running the writer in its own process.
-- The machine was shared with other test suites during the run (see the load average above):
-  compare rows of one run with each other, not with other machines."""
+- At 32 connections each server process's `EventWriter` commits the deliveries that arrived
+  together in one transaction, written through the raw DBAPI cursor in four statements whatever
+  the batch (events insert `ON CONFLICT DO NOTHING RETURNING`, one `UPDATE ... RETURNING` for
+  all duplicates, jobs insert, deliveries insert); each delivery is answered after its commit.
+- duplicates: every delivery re-sends an event already stored (200 `duplicate`, delivery row,
+  count bumped, nothing enqueued); `duplicate cost` = time per duplicate / time per new event.
+- The machine is shared with other work (see the load average): compare rows of one run with
+  each other, not with other runs or machines."""
 
 
 @dataclass
@@ -105,42 +131,26 @@ class Result:
     errors: int
 
 
-# --- servers (run as child processes: `python -m bench.ingest serve ...`) ---------------------
+# --- servers ---------------------------------------------------------------------------------
 
 
-def _serve(kind: str, port: int, database_url: str, data_dir: str) -> None:
-    import uvicorn
+def _serve_bare(port: int) -> None:
+    """The ceiling: a bare Starlette route on uvicorn (uvloop, httptools), one process."""
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import Response
     from starlette.routing import Route
 
-    from billhook.api.app import create_app
     from billhook.api.server import build_server
     from billhook.config import Settings
-    from billhook.observability import configure_logging
 
-    settings = Settings(
-        database_url=database_url or "sqlite:///unused.db",
-        stripe_webhook_secrets=SECRET,
-        standard_webhook_secrets="whsec_QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFB",
-        data_dir=data_dir,
-        host="127.0.0.1",
-        port=port,
-        log_format="json",
-        log_level="info",
-    )
-    if kind == "bare":
+    async def ok(request: Request) -> Response:
+        await request.body()
+        return Response(b'{"status":"ok"}', media_type="application/json")
 
-        async def ok(request: Request) -> Response:
-            await request.body()
-            return Response(b'{"status":"ok"}', media_type="application/json")
-
-        app = Starlette(routes=[Route("/webhooks/stripe", ok, methods=["POST"])])
-        uvicorn.Server(build_server(settings, app).config).run()
-        return
-    configure_logging(settings)
-    build_server(settings, create_app(settings)).run()
+    app = Starlette(routes=[Route("/webhooks/stripe", ok, methods=["POST"])])
+    settings = Settings(host="127.0.0.1", port=port, log_level="warning")
+    build_server(settings, app).run()
 
 
 def _free_port() -> int:
@@ -150,15 +160,33 @@ def _free_port() -> int:
 
 
 class _Server:
-    def __init__(self, kind: str, database_url: str, data_dir: str) -> None:
+    """`bare` (the ceiling) or the real `billhook serve` command, in its own process group."""
+
+    def __init__(self, kind: str, database_url: str, data_dir: str, processes: int = 1) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        args = ["serve", kind, str(self.port), database_url, data_dir]
+        if kind == "bare":
+            command = [sys.executable, "-m", "bench.ingest", "serve-bare", str(self.port)]
+        else:
+            command = [sys.executable, "-m", "billhook", "serve", "--port", str(self.port),
+                       "--processes", str(processes)]
+        env = {
+            **os.environ,
+            "BILLHOOK_DATABASE_URL": database_url or "sqlite:///unused.db",
+            "BILLHOOK_STRIPE_WEBHOOK_SECRETS": SECRET,
+            "BILLHOOK_STANDARD_WEBHOOK_SECRETS": "whsec_QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFB",
+            "BILLHOOK_DATA_DIR": data_dir,
+            "BILLHOOK_HOST": "127.0.0.1",
+            "BILLHOOK_LOG_FORMAT": "json",
+            "BILLHOOK_LOG_LEVEL": "info",
+        }
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "bench.ingest", *args],
+            command,
             cwd=ROOT.parent,
+            env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,  # billhook still formats its log line per delivery
+            start_new_session=True,
         )
         deadline = time.monotonic() + 60
         while True:
@@ -167,15 +195,17 @@ class _Server:
                 return
             except httpx.TransportError:
                 if time.monotonic() > deadline or self.process.poll() is not None:
+                    self.stop()
                     raise RuntimeError(f"{kind} server did not start") from None
                 time.sleep(0.1)
 
     def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
         try:
             self.process.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            self.process.kill()
+            os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
 
 
@@ -194,13 +224,22 @@ def _signed_requests(count: int) -> list[tuple[str, bytes]]:
     return out
 
 
-def _run_wrk(url: str, connections: int, duration: float, requests_file: Path) -> tuple:
+def _write_requests(path: Path, requests: list[tuple[str, bytes]]) -> Path:
+    with path.open("wb") as handle:
+        for signature, body in requests:
+            handle.write(signature.encode() + b"\t" + body + b"\n")
+    return path
+
+
+def _run_wrk(
+    url: str, connections: int, duration: float, requests_file: Path
+) -> tuple[float, float, float, int, float]:
     script = requests_file.with_suffix(".lua")
     script.write_text(LUA)
     threads = 1 if connections == 1 else 2
     command = [
-        "wrk", f"-t{threads}", f"-c{connections}", f"-d{int(duration)}s", "--timeout", "10s",
-        "-s", str(script), url, "--", str(requests_file),
+        "wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(duration))}s",
+        "--timeout", "10s", "-s", str(script), url, "--", str(requests_file),
     ]
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     line = next(ln for ln in output.splitlines() if ln.startswith("BENCH "))
@@ -210,7 +249,7 @@ def _run_wrk(url: str, connections: int, duration: float, requests_file: Path) -
 
 async def _run_httpx(
     url: str, connections: int, duration: float, requests: list[tuple[str, bytes]]
-) -> tuple:
+) -> tuple[float, float, float, int, float]:
     latencies: list[float] = []
     errors = 0
     index = 0
@@ -239,6 +278,15 @@ async def _run_httpx(
     return len(latencies) / elapsed, cuts[49] * 1000, cuts[98] * 1000, errors, elapsed
 
 
+def _load(
+    client: str, url: str, connections: int, duration: float,
+    requests: list[tuple[str, bytes]], path: Path,
+) -> tuple[float, float, float, int, float]:
+    if client == "wrk":
+        return _run_wrk(url, connections, duration, _write_requests(path, requests))
+    return asyncio.run(_run_httpx(url, connections, duration, requests))
+
+
 def _stored_events(database_url: str) -> int:
     from billhook.store.engine import create_engine
 
@@ -252,29 +300,43 @@ def _stored_events(database_url: str) -> int:
 
 def _measure(
     name: str, server: _Server, database_url: str | None, client: str, duration: float,
-    workdir: Path,
+    workdir: Path, connections: tuple[int, ...],
 ) -> list[Result]:
     results = []
-    for connections in CONNECTIONS:
+    for count in connections:
         before = _stored_events(database_url) if database_url else 0
         # Enough unique events for the fastest plausible rate; beyond that they repeat (duplicates).
-        requests = _signed_requests(int(duration * (3000 if connections == 1 else 9000)))
-        if client == "wrk":
-            path = workdir / f"{name}-{connections}.txt"
-            with path.open("wb") as handle:
-                for signature, body in requests:
-                    handle.write(signature.encode() + b"\t" + body + b"\n")
-            rps, p50, p99, errors, elapsed = _run_wrk(server.url, connections, duration, path)
-        else:
-            rps, p50, p99, errors, elapsed = asyncio.run(
-                _run_httpx(server.url, connections, duration, requests)
-            )
-        accepted = (
-            (_stored_events(database_url) - before) / elapsed if database_url else None
-        )
-        results.append(Result(name, connections, rps, accepted, p50, p99, errors))
+        requests = _signed_requests(int(duration * (3000 if count == 1 else 12000)))
+        path = workdir / f"{name.replace(' ', '_').replace(',', '')}-{count}.txt"
+        rps, p50, p99, errors, elapsed = _load(client, server.url, count, duration, requests, path)
+        accepted = (_stored_events(database_url) - before) / elapsed if database_url else None
+        results.append(Result(name, count, rps, accepted, p50, p99, errors))
         print(_row(results[-1]), flush=True)
     return results
+
+
+def _measure_duplicates(
+    name: str, server: _Server, database_url: str, client: str, duration: float, workdir: Path
+) -> Result:
+    """Deliveries of events already stored: every answer is a `duplicate`."""
+    from billhook.store.engine import create_engine
+    from billhook.store.events import Arrival, record_many
+
+    requests = _signed_requests(2000)
+    engine = create_engine(database_url, poolclass=sa.pool.NullPool)
+    try:
+        now = time.time()
+        arrivals = [
+            Arrival(stripe.parse(body, {}, signed_at=int(now)), now) for _, body in requests
+        ]
+        record_many(engine, arrivals, now=now, max_attempts=3)  # stored once, before the load
+    finally:
+        engine.dispose()
+    path = workdir / f"dup-{uuid.uuid4().hex[:6]}.txt"
+    rps, p50, p99, errors, _elapsed = _load(client, server.url, 32, duration, requests, path)
+    result = Result(f"{name}, duplicates", 32, rps, 0.0, p50, p99, errors)
+    print(_row(result), flush=True)
+    return result
 
 
 def _row(r: Result) -> str:
@@ -294,54 +356,23 @@ def _machine() -> str:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    import psycopg
+    import starlette
+    import uvicorn
+
+    pg = "?"
+    try:
+        with psycopg.connect(PG_ADMIN_URL, connect_timeout=3) as connection:
+            row = connection.execute("SHOW server_version").fetchone()
+            pg = str(row[0]).split()[0] if row else "?"
+    except psycopg.Error:
+        pass
     return (
         f"{platform.system()} {platform.release()}, {os.cpu_count()} CPU ({cpu}), "
-        f"Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}; "
-        f"load average before the run: {load}"
+        f"Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}, PostgreSQL {pg}, "
+        f"uvicorn {uvicorn.__version__}, Starlette {starlette.__version__}, "
+        f"psycopg {psycopg.__version__}"
     )
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=float, default=6.0, help="seconds per measurement")
-    parser.add_argument("--client", choices=("auto", "wrk", "httpx"), default="auto")
-    parser.add_argument("--no-write", action="store_true", help="do not update bench/RESULTS.md")
-    parser.add_argument("--skip-postgres", action="store_true")
-    args = parser.parse_args()
-    client = args.client
-    if client == "auto":
-        client = "wrk" if shutil.which("wrk") else "httpx"
-    machine = _machine()
-    started = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    results: list[Result] = []
-    header = (
-        "| server | connections | requests/s | accepted/s | p50 ms | p99 ms | errors |\n"
-        "|---|---|---|---|---|---|---|"
-    )
-    print(header, flush=True)
-    with tempfile.TemporaryDirectory(prefix="billhook-bench-") as tmp:
-        workdir = Path(tmp)
-        bare = _Server("bare", "", str(workdir))
-        try:
-            results += _measure(
-                "bare Starlette (ceiling)", bare, None, client, args.duration, workdir
-            )
-        finally:
-            bare.stop()
-        sqlite_url = f"sqlite:///{workdir / 'bench.db'}"
-        _migrate(sqlite_url)
-        server = _Server("billhook", sqlite_url, str(workdir))
-        try:
-            results += _measure(
-                "billhook, SQLite", server, sqlite_url, client, args.duration, workdir
-            )
-        finally:
-            server.stop()
-        if not args.skip_postgres:
-            results += _postgres(client, args.duration, workdir)
-    if not args.no_write:
-        _write(results, client, machine, started, " ".join(sys.argv[1:]))
 
 
 def _migrate(url: str) -> None:
@@ -353,59 +384,231 @@ def _migrate(url: str) -> None:
     engine.dispose()
 
 
-def _postgres(client: str, duration: float, workdir: Path) -> list[Result]:
-    name = f"billhook_bench_{os.getpid()}"
-    admin = sa.create_engine(
-        PG_ADMIN_URL.replace("postgresql://", "postgresql+psycopg://", 1),
-        isolation_level="AUTOCOMMIT",
+class _PostgresDatabase:
+    def __init__(self) -> None:
+        self.name = f"billhook_bench_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+        self.admin = sa.create_engine(
+            PG_ADMIN_URL.replace("postgresql://", "postgresql+psycopg://", 1),
+            isolation_level="AUTOCOMMIT",
+        )
+        with self.admin.connect() as connection:
+            connection.exec_driver_sql(f'CREATE DATABASE "{self.name}"')
+        self.url = f"{PG_ADMIN_URL.rpartition('/')[0]}/{self.name}"
+
+    def drop(self) -> None:
+        with self.admin.connect() as connection:
+            connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+        self.admin.dispose()
+
+
+def _profile_start(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes] | None:
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        return None
+    return subprocess.Popen(
+        [spy, "record", "--subprocesses", "-p", str(pid), "-d", str(max(1, int(seconds))),
+         "-r", "250", "-f", "raw", "-o", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    with admin.connect() as connection:
-        connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    url = f"{PG_ADMIN_URL.rpartition('/')[0]}/{name}"
-    try:
-        _migrate(url)
-        server = _Server("billhook", url, str(workdir))
+
+
+def _profile_top(path: Path, count: int = 12) -> list[str]:
+    """Self time per function from py-spy's raw output, over all threads and processes."""
+    if not path.exists():
+        return []
+    total = 0
+    own: collections.Counter[str] = collections.Counter()
+    for line in path.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not n.isdigit():
+            continue
+        total += int(n)
+        frame = stack.split(";")[-1]
+        own[re.sub(r"\s+\(.*?([^/]+/[^/]+\.py):\d+\)$", r" (\1)", frame)] += int(n)
+    return [f"{100 * n / total:5.1f}%  {frame}" for frame, n in own.most_common(count)]
+
+
+def run_ingest_bench(
+    duration: float = 6.0,
+    quick: bool = False,
+    *,
+    processes: int | None = None,
+    profile: bool = False,
+    client: str = "auto",
+    skip_postgres: bool = False,
+) -> dict[str, Any]:
+    """Run the ceiling and billhook on both databases in one run; see the module docstring."""
+    if client == "auto":
+        client = "wrk" if shutil.which("wrk") else "httpx"
+    per_database = {k: processes or v for k, v in DEFAULT_PROCESSES.items()}
+    connections = (32,) if quick else CONNECTIONS
+    load = os.getloadavg()
+    started = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    results: list[Result] = []
+    duplicates: dict[str, Result] = {}
+    profile_lines: list[str] = []
+    print(TABLE_HEADER, flush=True)
+    with tempfile.TemporaryDirectory(prefix="billhook-bench-") as tmp:
+        workdir = Path(tmp)
+        bare = _Server("bare", "", str(workdir))
         try:
-            return _measure("billhook, PostgreSQL", server, url, client, duration, workdir)
+            results += _measure(
+                "bare Starlette (ceiling)", bare, None, client, duration, workdir, connections
+            )
         finally:
-            server.stop()
-    finally:
-        with admin.connect() as connection:
-            connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
+            bare.stop()
+        databases: list[tuple[str, str, _PostgresDatabase | None]] = [
+            ("sqlite", f"sqlite:///{workdir / 'bench.db'}", None)
+        ]
+        if not skip_postgres:
+            pg = _PostgresDatabase()
+            databases.append(("postgres", pg.url, pg))
+        for key, url, pg_db in databases:
+            name = f"billhook, {'SQLite' if key == 'sqlite' else 'PostgreSQL'}"
+            try:
+                _migrate(url)
+                server = _Server("billhook", url, str(workdir), per_database[key])
+                try:
+                    spy = None
+                    if profile and key == "sqlite":
+                        spy = _profile_start(server.process.pid, duration, workdir / "spy.txt")
+                    results += _measure(
+                        name, server, url, client, duration, workdir, tuple(sorted(connections,
+                                                                                   reverse=True))
+                    )
+                    if spy is not None:
+                        spy.wait()
+                        profile_lines = _profile_top(workdir / "spy.txt")
+                    duplicates[key] = _measure_duplicates(
+                        name, server, url, client, duration, workdir
+                    )
+                finally:
+                    server.stop()
+            finally:
+                if pg_db is not None:
+                    pg_db.drop()
+    results += duplicates.values()
+    return _summary(results, duplicates, per_database, client, load, started, profile_lines)
 
 
-def _write(results: list[Result], client: str, machine: str, started: str, argv: str) -> None:
-    ceiling = {r.connections: r.requests_per_s for r in results if r.accepted_per_s is None}
+TABLE_HEADER = (
+    "| server | connections | requests/s | accepted/s | p50 ms | p99 ms | errors |\n"
+    "|---|---|---|---|---|---|---|"
+)
+
+
+def _summary(
+    results: list[Result], duplicates: dict[str, Result], processes: dict[str, int], client: str,
+    load: tuple[float, float, float], started: str, profile_lines: list[str],
+) -> dict[str, Any]:
+    def at32(prefix: str) -> Result | None:
+        return next(
+            (r for r in results if r.server == prefix and r.connections == 32), None
+        )
+
+    out: dict[str, Any] = {}
+    ceiling = at32("bare Starlette (ceiling)")
+    out["ceiling_rps"] = round(ceiling.requests_per_s) if ceiling else None
+    costs = []
+    for key, label in (("sqlite", "SQLite"), ("postgres", "PostgreSQL")):
+        row = at32(f"billhook, {label}")
+        if row is None:
+            continue
+        accepted = row.accepted_per_s or 0.0
+        out[f"ingest_rps_{key}"] = round(accepted)
+        out[f"ingest_p99_ms_{key}"] = round(row.p99_ms, 2)
+        if ceiling:
+            out[f"ingest_ratio_{key}"] = round(accepted / ceiling.requests_per_s, 3)
+        dup = duplicates.get(key)
+        if dup is not None and dup.requests_per_s:
+            out[f"duplicate_rps_{key}"] = round(dup.requests_per_s)
+            costs.append(row.requests_per_s / dup.requests_per_s)
+    out["duplicate_cost_ratio"] = round(max(costs), 3) if costs else None
+    out["server_processes"] = processes
+    out["client"] = client
+    out["load_average"] = [round(x, 2) for x in load]
+    out["date"] = started
+    out["rows"] = [asdict(r) for r in results]
+    out["table"] = "\n".join([TABLE_HEADER, *(_row(r) for r in results)])
+    out["profile_top"] = profile_lines
+    return out
+
+
+def write_results(result: dict[str, Any], command: str) -> None:
+    """Replace the ingest section of bench/RESULTS.md; other sections stay as they are."""
+    load = ", ".join(f"{x:.1f}" for x in result["load_average"])
     lines = [
-        "# Ingest benchmark",
+        SECTION,
         "",
-        f"- date: {started}",
-        f"- machine: {machine}",
-        f"- command: `.venv/bin/python -m bench.ingest {argv}`".replace(" `", " `").rstrip(),
-        f"- load generator: {client}"
-        + (" (wrk 4.1, pre-signed unique events fed by a Lua script)" if client == "wrk"
+        f"- date: {result['date']}",
+        f"- machine: {_machine()}; load average before the run: {load}",
+        f"- command: `{command}`",
+        f"- load generator: {result['client']}"
+        + (" (wrk 4.1, pre-signed unique events fed by a Lua script)"
+           if result["client"] == "wrk"
            else " (asyncio httpx client: client-bound, the ceiling is the client's)"),
-        "- each delivery: a unique ~2 KB `invoice.paid` event, signed `Stripe-Signature`; billhook "
-        "verifies it, commits event + delivery + job (group commit), logs one JSON line, answers.",
+        f"- billhook: `billhook serve --processes N`, N = {result['server_processes']}; each "
+        "delivery a "
+        "unique ~2 KB `invoice.paid` event, signed `Stripe-Signature`; billhook verifies it, "
+        "commits event + delivery + job (group commit), logs one JSON line, answers.",
         "",
-        "| server | connections | requests/s | accepted/s | p50 ms | p99 ms | errors |",
-        "|---|---|---|---|---|---|---|",
-        *(_row(r) for r in results),
+        result["table"],
         "",
     ]
-    for r in results:
-        if r.accepted_per_s is not None and ceiling.get(r.connections):
-            share = 100 * r.accepted_per_s / ceiling[r.connections]
+    for key, label in (("sqlite", "SQLite"), ("postgres", "PostgreSQL")):
+        if f"ingest_ratio_{key}" in result:
             lines.append(
-                f"- {r.server}, {r.connections} connection(s): {share:.0f}% of the ceiling"
+                f"- billhook, {label}, 32 connections: "
+                f"{100 * result[f'ingest_ratio_{key}']:.0f}% of the ceiling, "
+                f"p99 {result[f'ingest_p99_ms_{key}']:.1f} ms"
             )
+    lines.append(f"- duplicate cost (time per duplicate / time per new event, worst database): "
+                 f"{result['duplicate_cost_ratio']}")
+    if result["profile_top"]:
+        lines += ["", "Profile (py-spy, SQLite, 32 connections, self time, all threads):", "",
+                  "```", *result["profile_top"], "```"]
     lines += ["", NOTES]
-    (ROOT / "RESULTS.md").write_text("\n".join(lines) + "\n")
+    section = "\n".join(lines) + "\n"
+    path = ROOT / "RESULTS.md"
+    text = path.read_text() if path.exists() else ""
+    match = re.search(rf"^{re.escape(SECTION)}\n.*?(?=^# |\Z)", text, flags=re.M | re.S)
+    if match:
+        text = text[: match.start()] + section + ("\n" if text[match.end():] else "") + text[
+            match.end():
+        ]
+    else:
+        text = section + ("\n" + text if text else "")
+    path.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--duration", type=float, default=6.0, help="seconds per measurement")
+    parser.add_argument("--quick", action="store_true", help="32 connections only")
+    parser.add_argument("--processes", type=int, default=None,
+                        help=f"server processes (default per database: {DEFAULT_PROCESSES})")
+    parser.add_argument("--profile", action="store_true", help="py-spy the SQLite server")
+    parser.add_argument("--client", choices=("auto", "wrk", "httpx"), default="auto")
+    parser.add_argument("--no-write", action="store_true", help="do not update bench/RESULTS.md")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--skip-postgres", action="store_true")
+    args = parser.parse_args()
+    result = run_ingest_bench(
+        args.duration, args.quick, processes=args.processes, profile=args.profile,
+        client=args.client, skip_postgres=args.skip_postgres,
+    )
+    if args.json:
+        print(orjson.dumps({k: v for k, v in result.items() if k != "table"}).decode())
+    else:
+        for line in result["profile_top"]:
+            print(line)
+        print({k: v for k, v in result.items() if k not in ("rows", "table", "profile_top")})
+    if not args.no_write:
+        write_results(result, ".venv/bin/python -m bench.ingest " + " ".join(sys.argv[1:]))
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "serve":
-        _serve(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5])
+    if len(sys.argv) > 2 and sys.argv[1] == "serve-bare":
+        _serve_bare(int(sys.argv[2]))
     else:
         main()

@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     effect_webhook_secret: str = ""
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    # HTTP server processes of `billhook serve` sharing the listening socket (1 = in-process).
+    server_processes: int = Field(1, ge=1, le=64)
     workers: int = Field(2, ge=0)
     worker_concurrency: int = Field(4, ge=1)
     lease_seconds: float = Field(60.0, gt=0)

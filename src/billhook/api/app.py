@@ -48,7 +48,7 @@ def create_app(
     on_enqueued: Callable[[], None] | None = None,
 ) -> Starlette:
     """The HTTP app. Starts even when the database is down: it answers 503 until it is back."""
-    settings = _with_secrets(settings)
+    settings = with_secrets(settings)
     owns_engine = engine is None
     store = engine if engine is not None else create_engine(settings.database_url)
     writer = EventWriter(store, max_attempts=settings.max_attempts)
@@ -74,7 +74,8 @@ def create_app(
     return app
 
 
-def _with_secrets(settings: Settings) -> Settings:
+def with_secrets(settings: Settings) -> Settings:
+    """Settings with a secret for every source (generated and announced once if none is set)."""
     settings, generated = ensure_secrets(settings)
     if generated:
         print(announcement(generated), file=sys.stderr, flush=True)
