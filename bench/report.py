@@ -97,7 +97,9 @@ def write_report(
     ]
     for key, value in figures.items():
         if isinstance(value, int | float | str):
-            shown = f"{value:,.1f}" if isinstance(value, float) else str(value)
+            shown = str(value)
+            if isinstance(value, float):
+                shown = f"{value:.3g}" if abs(value) < 100 else f"{value:,.0f}"
             lines.append(f"| `{key}` | {shown} | {TARGETS.get(key, '')} |")
     for _, text in sections:
         lines += ["", text.strip()]
