@@ -111,6 +111,15 @@ def markdown(r: MemoryResult) -> str:
             f"{r.rss_mb_large:.1f} | {100 * r.growth:+.1f}% | {r.seconds:.0f} |",
             "",
             f"- {verdict}.",
+            *(
+                []
+                if (r.small, r.large) == (100_000, 1_000_000)
+                else [
+                    f"- The issue's pair is 100,000 / 1,000,000 events; this run used "
+                    f"{r.small:,} / {r.large:,} (at this machine's worker rate the full pair takes "
+                    "hours: `python -m bench.memory` runs it)."
+                ]
+            ),
         ]
     )
 
