@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import hypothesis
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -26,6 +27,12 @@ PG_ADMIN_URL = os.environ.get(
     "BILLHOOK_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
 )
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+# CI explores the same inputs on every run (a red build is a bug, never bad luck); a developer's
+# run explores new ones each time, and `HYPOTHESIS_PROFILE=long` explores ten times more.
+hypothesis.settings.register_profile("ci", derandomize=True, print_blob=True)
+if IN_CI:
+    hypothesis.settings.load_profile("ci")
 
 
 def _admin_engine() -> Engine:

@@ -130,7 +130,9 @@ router = APIRouter(responses=_ERRORS)
 _Since = Query(None, ge=0, allow_inf_nan=False, description="Epoch seconds, inclusive.")
 _Until = Query(None, ge=0, allow_inf_nan=False, description="Epoch seconds, exclusive.")
 _Limit = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT)
-_Cursor = Query(None, description="`next_cursor` of the previous page.")
+# PostgreSQL text cannot hold NUL, so no stored value has one: the schema refuses it up front.
+_NO_NUL = r"^[^\x00]*$"
+_Cursor = Query(None, pattern=_NO_NUL, description="`next_cursor` of the previous page.")
 _JobId = Path(ge=1, le=MAX_ID)
 _EffectId = Path(ge=1, le=MAX_ID)
 
@@ -149,7 +151,9 @@ def get_invoice(invoice_id: str, request: Request, _: Principal = Depends(viewer
 def list_invoices(
     request: Request,
     status: InvoiceStatus | None = Query(None, description="One invoice status."),
-    email: str | None = Query(None, description="Customer email, case-insensitive."),
+    email: str | None = Query(
+        None, pattern=_NO_NUL, description="Customer email, case-insensitive."
+    ),
     updated_since: float | None = _Since,
     updated_until: float | None = _Until,
     attention: bool | None = Query(None, description="Only invoices that need a look (true)."),
@@ -176,8 +180,8 @@ def list_invoices(
 def list_events(
     request: Request,
     source: Source | None = None,
-    type: str | None = Query(None, description="Event type, e.g. invoice.paid."),
-    ordering_key: str | None = Query(None, description="Usually the invoice id."),
+    type: str | None = Query(None, pattern=_NO_NUL, description="Event type, e.g. invoice.paid."),
+    ordering_key: str | None = Query(None, pattern=_NO_NUL, description="Usually the invoice id."),
     outcome: EventOutcome | None = None,
     received_since: float | None = _Since,
     received_until: float | None = _Until,
@@ -214,7 +218,7 @@ def get_event(
 def list_jobs(
     request: Request,
     state: JobState | None = None,
-    ordering_key: str | None = Query(None, description="Usually the invoice id."),
+    ordering_key: str | None = Query(None, pattern=_NO_NUL, description="Usually the invoice id."),
     limit: int = _Limit,
     cursor: str | None = _Cursor,
     _: Principal = Depends(viewer),
@@ -237,7 +241,9 @@ def get_job(job_id: int = _JobId, *, request: Request, _: Principal = Depends(vi
 @router.get("/dead-letters", tags=["queue"])
 def list_dead_letters(
     request: Request,
-    type: str | None = Query(None, description="Only jobs whose event has this type."),
+    type: str | None = Query(
+        None, pattern=_NO_NUL, description="Only jobs whose event has this type."
+    ),
     limit: int = Query(100, ge=1, le=dlq.MAX_LIMIT),
     after_id: int | None = Query(None, ge=0, le=MAX_ID, description="Last job_id seen."),
     _: Principal = Depends(viewer),
@@ -315,8 +321,8 @@ def replay(
 @router.get("/audit", tags=["audit"])
 def list_audit(
     request: Request,
-    actor: str | None = None,
-    action: str | None = None,
+    actor: str | None = Query(None, pattern=_NO_NUL),
+    action: str | None = Query(None, pattern=_NO_NUL),
     limit: int = Query(100, ge=1, le=audit_ops.MAX_LIMIT),
     before_id: int | None = Query(None, ge=1, le=2**62, description="Entries older than this."),
     _: Principal = Depends(viewer),
