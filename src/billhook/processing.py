@@ -59,7 +59,7 @@ class Processor:
         if job.event_pk is None:
             return
         source, body = _load_event(engine, job.event_pk)
-        event = _parse(source, body)
+        event = decode_event(source, body)
         with transaction(engine) as connection:
             if event is None:
                 _mark(connection, job.event_pk, "ignored", self.clock())
@@ -113,7 +113,8 @@ def _load_event(engine: Engine, event_pk: int) -> tuple[str, bytes]:
     return row.source, bytes(row.body)
 
 
-def _parse(source: str, body: bytes) -> BillingEvent | None:
+def decode_event(source: str, body: bytes) -> BillingEvent | None:
+    """The canonical event of a stored raw body; None for types billing ignores."""
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError as exc:

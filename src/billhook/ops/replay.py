@@ -56,12 +56,11 @@ from billhook.ops.replay_selection import (
     StoredEvent,
     charge_invoices,
     chunks,
-    decode_event,
     load_events,
     parse_time,
     plan_replay,
 )
-from billhook.processing import DEAD_JOB_MARK, InvoiceNotYetKnown, Processor
+from billhook.processing import DEAD_JOB_MARK, InvoiceNotYetKnown, Processor, decode_event
 from billhook.store.engine import transaction
 from billhook.store.invoices import (
     ConcurrentUpdate,

@@ -25,11 +25,11 @@ from billhook.ops.replay_selection import (
     StoredEvent,
     charge_invoices,
     chunks,
-    decode_event,
     load_events,
     plan_replay,
 )
-from billhook.store.invoices import events_about
+from billhook.processing import decode_event
+from billhook.store.invoices import events_about, summary_columns
 from billhook.store.schema import effects, events, invoices
 
 SUMMARY_COLUMNS = (
@@ -370,16 +370,7 @@ def _resolve(
 def _view(state: InvoiceState) -> dict[str, Any]:
     """The invoice as its row would show it (summary, with the columns' own representation)."""
     summary = summarize(state)
-    columns = {
-        "number": summary["number"],
-        "status": summary["status"],
-        "disputed": bool(summary["disputed"]),
-        "currency": summary["currency"],
-        "amount_due": summary["amount_due"] or 0,
-        "amount_paid": summary["amount_paid"] or 0,
-        "amount_refunded": summary["amount_refunded"] or 0,
-        "customer_email": summary["customer_email"],
-    }
+    columns = summary_columns(state)
     return {**summary, **columns}
 
 

@@ -14,11 +14,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from billhook.billing import BillingEvent, UnprocessableEvent, parse_event
 from billhook.errors import InvalidRequest, NotFound
 from billhook.store.invoices import events_about
 from billhook.store.schema import charge_links, events, invoices
@@ -103,17 +101,6 @@ def parse_time(text: str) -> float:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return moment.timestamp()
-
-
-def decode_event(source: str, body: bytes) -> BillingEvent | None:
-    """The canonical event of a stored body; None for types billing ignores."""
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise UnprocessableEvent(f"stored body is not JSON: {exc}") from exc
-    if not isinstance(payload, dict):
-        raise UnprocessableEvent("stored body is not a JSON object")
-    return parse_event(source, payload)
 
 
 def plan_replay(engine: Engine, selection: Selection) -> ReplayPlan:

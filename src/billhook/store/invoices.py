@@ -47,7 +47,8 @@ def load_invoice(connection: Connection, invoice_id: str, *, lock: bool) -> Stor
     )
 
 
-def _columns(state: InvoiceState, attention: str | None, now: float) -> dict[str, Any]:
+def summary_columns(state: InvoiceState) -> dict[str, Any]:
+    """The invoice row's query columns, as the model's summary fills them."""
     summary = summarize(state)
     return {
         "number": summary["number"],
@@ -58,6 +59,12 @@ def _columns(state: InvoiceState, attention: str | None, now: float) -> dict[str
         "amount_paid": summary["amount_paid"] or 0,
         "amount_refunded": summary["amount_refunded"] or 0,
         "customer_email": summary["customer_email"],
+    }
+
+
+def _columns(state: InvoiceState, attention: str | None, now: float) -> dict[str, Any]:
+    return {
+        **summary_columns(state),
         "state": orjson.dumps(state.to_dict(), option=orjson.OPT_SORT_KEYS).decode(),
         "attention": attention,
         "updated_at": now,
