@@ -1,0 +1,61 @@
+"""Replay applies changing events in groups of one transaction; one bad event spoils no group."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from billhook.ops import replay as replay_module
+from billhook.store.engine import transaction
+from billhook.store.schema import effects, events, invoices
+from test_replay import E1, E2, INVOICE, process, run, store
+
+OTHER = "inv_2"
+
+
+def _about(payload: dict[str, object], invoice_id: str, event_id: str) -> dict[str, object]:
+    data = dict(payload["data"])  # type: ignore[call-overload]
+    data["invoice_id"] = invoice_id
+    return {**payload, "id": event_id, "data": data}
+
+
+def test_an_unreadable_invoice_fails_its_events_and_the_rest_of_the_group_is_applied(
+    engine: Engine,
+) -> None:
+    store(engine, E1, E2)
+    process(engine, "e1", "e2")
+    with transaction(engine) as connection:
+        connection.execute(invoices.update().values(state="not json"))
+    store(engine, _about(E1, OTHER, "o1"), _about(E2, OTHER, "o2"))
+
+    result = run(engine)
+
+    assert replay_module.GROUP >= 4  # all four events would fit one group
+    assert result.applied == 2
+    assert sorted(f.event_id for f in result.failed) == ["e1", "e2"]
+    with engine.connect() as connection:
+        status = connection.execute(
+            sa.select(invoices.c.status).where(invoices.c.id == OTHER)
+        ).scalar_one()
+        keys = connection.execute(sa.select(effects.c.idempotency_key)).scalars().all()
+        outcomes = dict(
+            (row.event_id, row.outcome)
+            for row in connection.execute(sa.select(events.c.event_id, events.c.outcome))
+        )
+    assert status == "paid"
+    assert sorted(keys) == sorted([f"payment_receipt:{INVOICE}", f"payment_receipt:{OTHER}"])
+    assert outcomes["o1"] == outcomes["o2"] == "processed"
+
+
+def test_a_replay_run_twice_applies_each_group_once(engine: Engine) -> None:
+    payloads = [_about(E2, f"inv_g{n}", f"g{n}") for n in range(7)]
+    store(engine, *payloads)
+
+    first = run(engine)
+    second = run(engine)
+
+    assert first.applied == second.applied == 7
+    assert not first.failed and not second.failed
+    with engine.connect() as connection:
+        receipts = connection.execute(sa.select(sa.func.count()).select_from(effects)).scalar()
+    assert receipts == 7
