@@ -40,6 +40,15 @@ from billhook.store.schema import events, invoices
 
 DEAD_JOB_MARK = "dead job"
 
+# Built once with bind parameters (building a statement per event cost more than running it).
+_EVENT_PK = events.c.id == sa.bindparam("event_pk", type_=sa.BigInteger())
+_LOAD_EVENT = sa.select(events.c.source, events.c.body).where(_EVENT_PK)
+_MARK = (
+    events.update()
+    .where(_EVENT_PK)
+    .values(outcome=sa.bindparam("outcome"), processed_at=sa.bindparam("processed_at"))
+)
+
 
 class InvoiceNotYetKnown(BillhookError):
     """A refund or dispute names a charge whose invoice billhook has not seen yet.
@@ -58,9 +67,11 @@ class Processor:
     def __call__(self, engine: Engine, job: Job) -> None:
         if job.event_pk is None:
             return
-        source, body = _load_event(engine, job.event_pk)
-        event = decode_event(source, body)
+        # The event is read inside the processing transaction: one connection and one
+        # BEGIN per event instead of two.
         with transaction(engine) as connection:
+            source, body = _load_event(connection, job.event_pk)
+            event = decode_event(source, body)
             if event is None:
                 _mark(connection, job.event_pk, "ignored", self.clock())
                 return
@@ -103,11 +114,8 @@ class Processor:
         )
 
 
-def _load_event(engine: Engine, event_pk: int) -> tuple[str, bytes]:
-    with engine.connect() as connection:
-        row = connection.execute(
-            sa.select(events.c.source, events.c.body).where(events.c.id == event_pk)
-        ).first()
+def _load_event(connection: Connection, event_pk: int) -> tuple[str, bytes]:
+    row = connection.execute(_LOAD_EVENT, {"event_pk": event_pk}).first()
     if row is None:
         raise NotFound(f"event {event_pk} is not in the store")
     return row.source, bytes(row.body)
@@ -148,9 +156,7 @@ def merge_attention(model_reason: str | None, previous: str | None) -> str | Non
 
 
 def _mark(connection: Connection, event_pk: int, outcome: str, now: float) -> None:
-    connection.execute(
-        events.update().where(events.c.id == event_pk).values(outcome=outcome, processed_at=now)
-    )
+    connection.execute(_MARK, {"event_pk": event_pk, "outcome": outcome, "processed_at": now})
 
 
 @lru_cache(maxsize=1)
