@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from email.message import EmailMessage
+from email.message import Message
 from typing import Any
 
 import orjson
@@ -311,7 +311,7 @@ class EffectDispatcher:
         if done:
             self._record(done, opening=None)
 
-    def _prepare(self, effect: _Claimed) -> EmailMessage | None:
+    def _prepare(self, effect: _Claimed) -> Message | None:
         if effect.channel == "webhook":
             if self._webhook is None:
                 raise EffectUnsendable(
@@ -328,7 +328,7 @@ class EffectDispatcher:
             settings=self._settings,
         )
 
-    def _hand_over(self, effect: _Claimed, message: EmailMessage | None) -> None:
+    def _hand_over(self, effect: _Claimed, message: Message | None) -> None:
         if message is not None:
             self._mailer.send(
                 message, sender=self._settings.mail_from, recipient=effect.recipient or ""

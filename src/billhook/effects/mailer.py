@@ -11,7 +11,7 @@ import mailbox
 import smtplib
 import ssl
 import time
-from email.message import EmailMessage
+from email.message import Message
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import unquote, urlsplit
@@ -24,7 +24,7 @@ _IDLE_CHECK_SECONDS = 5.0
 
 
 class Mailer(Protocol):
-    def send(self, message: EmailMessage, *, sender: str, recipient: str) -> None: ...
+    def send(self, message: Message, *, sender: str, recipient: str) -> None: ...
 
     def close(self) -> None: ...
 
@@ -53,7 +53,7 @@ class SmtpMailer:
     def description(self) -> str:
         return f"{'smtps' if self._tls else 'smtp'}://{self._host}:{self._port}"
 
-    def send(self, message: EmailMessage, *, sender: str, recipient: str) -> None:
+    def send(self, message: Message, *, sender: str, recipient: str) -> None:
         client = self._connection()
         try:
             client.send_message(message, from_addr=sender, to_addrs=[recipient])
@@ -109,7 +109,7 @@ class MaildirMailer:
     def description(self) -> str:
         return f"maildir {self._path}"
 
-    def send(self, message: EmailMessage, *, sender: str, recipient: str) -> None:
+    def send(self, message: Message, *, sender: str, recipient: str) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True)
         folder = mailbox.Maildir(self._path, create=True)
         folder.add(message)
