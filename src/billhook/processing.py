@@ -70,13 +70,20 @@ class Processor:
         # The event is read inside the processing transaction: one connection and one
         # BEGIN per event instead of two.
         with transaction(engine) as connection:
-            source, body = _load_event(connection, job.event_pk)
-            event = decode_event(source, body)
-            if event is None:
-                _mark(connection, job.event_pk, "ignored", self.clock())
-                return
-            self.apply_event(connection, event, source=source, event_pk=job.event_pk)
-            _mark(connection, job.event_pk, "processed", self.clock())
+            self.run_in(connection, job)
+
+    def run_in(self, connection: Connection, job: Job) -> None:
+        """Process `job`'s event inside the caller's transaction (the worker runs a claimed
+        batch in one transaction, each job under its own savepoint)."""
+        if job.event_pk is None:
+            return
+        source, body = _load_event(connection, job.event_pk)
+        event = decode_event(source, body)
+        if event is None:
+            _mark(connection, job.event_pk, "ignored", self.clock())
+            return
+        self.apply_event(connection, event, source=source, event_pk=job.event_pk)
+        _mark(connection, job.event_pk, "processed", self.clock())
 
     def apply_event(
         self, connection: Connection, event: BillingEvent, *, source: str, event_pk: int | None
@@ -164,9 +171,20 @@ def _default_processor() -> Processor:
     return Processor(load_settings())
 
 
-def handle_process_event(engine: Engine, job: Job) -> None:
-    """The default `process_event` handler: settings from the environment of this process."""
-    _default_processor()(engine, job)
+class _DefaultHandler:
+    """The default `process_event` handler: settings from the environment of this process.
+
+    Callable as a plain handler (`handler(engine, job)`), and with `run_in(connection, job)`
+    so the worker can run a claimed batch in one transaction."""
+
+    def __call__(self, engine: Engine, job: Job) -> None:
+        _default_processor()(engine, job)
+
+    def run_in(self, connection: Connection, job: Job) -> None:
+        _default_processor().run_in(connection, job)
+
+
+handle_process_event = _DefaultHandler()
 
 
 def on_job_dead(connection: Connection, job: Job) -> None:

@@ -158,25 +158,34 @@ def complete_many(engine: Engine, done: Sequence[Job], *, now: float) -> set[int
     worker still held, and so completed."""
     if not done:
         return set()
+    with transaction(engine) as connection:
+        return complete_many_in(connection, done, now=now)
+
+
+def complete_many_in(connection: Connection, done: Sequence[Job], *, now: float) -> set[int]:
+    """`complete_many` inside the caller's transaction (the worker commits a batch's work and
+    its completions together)."""
+    if not done:
+        return set()
     by_worker: dict[str | None, list[Job]] = {}
     for job in done:
         by_worker.setdefault(job.worker_id, []).append(job)
     completed: set[int] = set()
-    with transaction(engine) as connection:
-        for worker_id, held in by_worker.items():
-            rows = connection.execute(
-                _complete_statement(),
-                {
-                    "b_worker_id": worker_id,
-                    "b_now": now,
-                    "b_held": [(job.id, job.attempts) for job in held],
-                },
-            ).all()
-            completed.update(int(row[0]) for row in rows)
-        attempts = [_attempt_row(job, now=now, outcome="completed") for job in done
-                    if job.id in completed]
-        if attempts:
-            connection.execute(job_attempts.insert(), attempts)
+    for worker_id, held in by_worker.items():
+        rows = connection.execute(
+            _complete_statement(),
+            {
+                "b_worker_id": worker_id,
+                "b_now": now,
+                "b_held": [(job.id, job.attempts) for job in held],
+            },
+        ).all()
+        completed.update(int(row[0]) for row in rows)
+    attempts = [
+        _attempt_row(job, now=now, outcome="completed") for job in done if job.id in completed
+    ]
+    if attempts:
+        connection.execute(job_attempts.insert(), attempts)
     return completed
 
 

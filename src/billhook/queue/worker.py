@@ -22,20 +22,37 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Protocol
 
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from billhook.config import Settings
 from billhook.errors import BillhookError
 from billhook.observability import get_logger
-from billhook.queue.claims import claim, complete, fail, heartbeat, release, rescue_expired
+from billhook.queue.claims import (
+    claim,
+    complete,
+    complete_many_in,
+    fail,
+    heartbeat,
+    release,
+    rescue_expired,
+)
 from billhook.queue.completer import GroupCompleter
 from billhook.queue.jobs import NOTIFY_CHANNEL, Job, register_local_wakeup
 from billhook.queue.registry import Registry
 from billhook.queue.retry import RetryPolicy
+from billhook.store.engine import transaction
 
 _log = get_logger(__name__)
 
 SQLITE_POLL_SECONDS = 0.05
+# Jobs whose handler can run inside a given transaction share one commit, at most this many.
+MAX_SHARED_COMMIT = 50
+
+
+class InTransactionHandler(Protocol):
+    """A handler that can also run inside the worker's transaction (`Processor` is one)."""
+
+    def run_in(self, connection: Connection, job: Job) -> None: ...
 
 
 class Service(Protocol):
@@ -123,8 +140,7 @@ class Worker:
             lease_seconds=self.config.lease_seconds,
             limit=self.config.concurrency,
         )
-        for job in claimed:
-            self._execute(job)
+        self._execute_many(claimed)
         return len(claimed)
 
     def rescue_once(self) -> int:
@@ -137,28 +153,55 @@ class Worker:
             )
         return len(rescued)
 
+    def _execute_many(self, batch: Sequence[Job]) -> None:
+        """Run a batch: jobs whose handler has `run_in` in one transaction (one commit, with
+        their completions), each under its own savepoint so a failing job fails alone; the
+        others one by one."""
+        shared: list[tuple[Job, InTransactionHandler]] = []
+        for job in batch:
+            handler = self.registry.handlers.get(job.kind)
+            if len(batch) > 1 and hasattr(handler, "run_in"):
+                shared.append((job, handler))  # type: ignore[arg-type]
+            else:
+                self._execute(job)
+        for start in range(0, len(shared), MAX_SHARED_COMMIT):
+            self._execute_shared(shared[start : start + MAX_SHARED_COMMIT])
+
+    def _execute_shared(self, shared: Sequence[tuple[Job, InTransactionHandler]]) -> None:
+        failed: dict[int, Exception] = {}
+        try:
+            with transaction(self.engine) as connection:
+                for job, handler in shared:
+                    try:
+                        with connection.begin_nested():
+                            handler.run_in(connection, job)
+                    except Exception as exc:
+                        failed[job.id] = exc
+                done = [job for job, _ in shared if job.id not in failed]
+                for job in done:
+                    self._mark_finishing(job)
+                completed = complete_many_in(connection, done, now=self._clock())
+        except Exception as exc:
+            # Nothing of the batch committed (or the commit's fate is unknown): run each job on
+            # its own; handlers are idempotent and a job no longer held is not completed twice.
+            _log.warning("shared_commit_failed", jobs=len(shared), error=repr(exc))
+            for job, _ in shared:
+                self._execute(job)
+            return
+        for job, _ in shared:
+            if job.id in failed:
+                self._mark_finishing(job)
+                self._record_failure(job, failed[job.id])
+            elif job.id not in completed:
+                _log.warning("job_lease_lost", job_id=job.id, attempt=job.attempts)
+
     def _execute(self, job: Job) -> None:
         try:
             handler = self.registry.handler_for(job.kind)
             handler(self.engine, job)
         except Exception as exc:
             self._mark_finishing(job)
-            try:
-                state = fail(
-                    self.engine,
-                    job,
-                    exc,
-                    now=self._clock(),
-                    policy=self.config.retry,
-                    rng=self._rng,
-                    dead_hooks=self.registry.dead_hooks,
-                )
-            except Exception as store_error:
-                # The lease runs out and the rescuer retries it: nothing is lost.
-                _log.error("job_fail_unrecorded", job_id=job.id, error=str(store_error))
-                return
-            log = _log.error if state is not None and state.value == "dead" else _log.warning
-            log("job_failed", job_id=job.id, attempt=job.attempts, state=state, error=repr(exc))
+            self._record_failure(job, exc)
             return
         self._mark_finishing(job)
         try:
@@ -171,6 +214,24 @@ class Worker:
                 _log.warning("job_lease_lost", job_id=job.id, attempt=job.attempts)
         except Exception as store_error:
             _log.error("job_completion_unrecorded", job_id=job.id, error=str(store_error))
+
+    def _record_failure(self, job: Job, exc: Exception) -> None:
+        try:
+            state = fail(
+                self.engine,
+                job,
+                exc,
+                now=self._clock(),
+                policy=self.config.retry,
+                rng=self._rng,
+                dead_hooks=self.registry.dead_hooks,
+            )
+        except Exception as store_error:
+            # The lease runs out and the rescuer retries it: nothing is lost.
+            _log.error("job_fail_unrecorded", job_id=job.id, error=str(store_error))
+            return
+        log = _log.error if state is not None and state.value == "dead" else _log.warning
+        log("job_failed", job_id=job.id, attempt=job.attempts, state=state, error=repr(exc))
 
     def _mark_finishing(self, job: Job) -> None:
         with self._inflight_lock:
@@ -278,14 +339,29 @@ class Worker:
             job = self._work.get()
             if job is None:
                 return
+            # Take what else is already waiting: the batch shares one commit.
+            batch = [job]
+            stop = False
+            while len(batch) < MAX_SHARED_COMMIT:
+                try:
+                    more = self._work.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                batch.append(more)
             try:
-                self._execute(job)
+                self._execute_many(batch)
             finally:
                 with self._idle:
-                    self._inflight.pop(job.id, None)
-                    self._finishing.discard(job.id)
+                    for done in batch:
+                        self._inflight.pop(done.id, None)
+                        self._finishing.discard(done.id)
                     self._idle.notify_all()
                 self._wake.set()
+            if stop:
+                return
 
     def _heartbeat_loop(self) -> None:
         # Runs until `join` has released the leftovers: leases stay alive through the grace.
