@@ -339,10 +339,13 @@ class Worker:
             job = self._work.get()
             if job is None:
                 return
-            # Take what else is already waiting: the batch shares one commit.
+            # Take what else is already waiting: the batch shares one commit. Only handlers that
+            # run inside a transaction gain from it; other jobs stay one per executor, so the
+            # executors keep running them in parallel.
             batch = [job]
             stop = False
-            while len(batch) < MAX_SHARED_COMMIT:
+            shareable = hasattr(self.registry.handlers.get(job.kind), "run_in")
+            while shareable and len(batch) < MAX_SHARED_COMMIT:
                 try:
                     more = self._work.get_nowait()
                 except queue.Empty:
