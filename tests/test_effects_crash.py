@@ -6,7 +6,6 @@ from __future__ import annotations
 import email
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from billhook.effects import EffectDispatcher, effect_timeline, enqueue_effects,
 from billhook.effects.render import message_id
 from billhook.store.engine import create_engine, transaction
 from billhook.store.schema import effects
+from live_server import free_port
 
 LEASE_SECONDS = 30.0
 
@@ -70,10 +70,25 @@ class KillOnFirstData:
         return "250 OK"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def kill_dispatcher_mid_send(
+    database_url: str, settings: Settings, handler: KillOnFirstData
+) -> subprocess.Popen[bytes]:
+    """Run a dispatcher in its own process; the SMTP handler SIGKILLs it during DATA."""
+    victim = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            DISPATCHER_SCRIPT,
+            database_url,
+            settings.smtp_url,
+            str(LEASE_SECONDS),
+        ],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    handler.victim = victim
+    assert victim.wait(timeout=60) == -signal.SIGKILL
+    return victim
 
 
 def test_sigkill_between_hand_over_and_record_resends_under_the_same_message_id(
@@ -101,20 +116,7 @@ def test_sigkill_between_hand_over_and_record_resends_under_the_same_message_id(
                 settings=settings,
             )
 
-        victim = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                DISPATCHER_SCRIPT,
-                database_url,
-                settings.smtp_url,
-                str(LEASE_SECONDS),
-            ],
-            stdout=subprocess.PIPE,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        handler.victim = victim
-        assert victim.wait(timeout=60) == -signal.SIGKILL
+        victim = kill_dispatcher_mid_send(database_url, settings, handler)
         assert victim.stdout is not None and b"recorded" not in victim.stdout.read()
         victim.stdout.close()
         assert len(handler.messages) == 1
@@ -188,19 +190,9 @@ def test_a_lease_lost_on_the_last_attempt_is_dead_not_looped(
                 now=time.time(),
                 settings=settings,
             )
-        victim = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                DISPATCHER_SCRIPT,
-                sqlite_url,
-                settings.smtp_url,
-                str(LEASE_SECONDS),
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        handler.victim = victim
-        assert victim.wait(timeout=60) == -signal.SIGKILL
+        victim = kill_dispatcher_mid_send(sqlite_url, settings, handler)
+        assert victim.stdout is not None
+        victim.stdout.close()
         later = EffectDispatcher(engine, settings, clock=lambda: time.time() + LEASE_SECONDS + 1)
         assert later.run_once() == 0
         later.close()
@@ -248,19 +240,9 @@ def test_only_the_message_in_doubt_is_resent_when_a_batch_is_cut_short(
                     now=time.time(),
                     settings=settings,
                 )
-        victim = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                DISPATCHER_SCRIPT,
-                sqlite_url,
-                settings.smtp_url,
-                str(LEASE_SECONDS),
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        handler.victim = victim
-        assert victim.wait(timeout=60) == -signal.SIGKILL
+        victim = kill_dispatcher_mid_send(sqlite_url, settings, handler)
+        assert victim.stdout is not None
+        victim.stdout.close()
         later = EffectDispatcher(engine, settings, clock=lambda: time.time() + LEASE_SECONDS + 1)
         assert later.run_once() == 2
         later.close()
