@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import email
 import mailbox
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,6 +31,7 @@ from billhook.effects import (
 from billhook.effects.render import message_id
 from billhook.store.engine import create_engine, transaction
 from billhook.store.schema import effects, invoices
+from live_server import free_port
 
 
 @dataclass(frozen=True)
@@ -51,12 +51,6 @@ def receipt(invoice_id: str, currency: str, amount: int, **extra: Any) -> Intent
         **extra,
     }
     return Intent("payment_receipt", f"payment_receipt:{invoice_id}", payload)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Inbox:
