@@ -10,7 +10,7 @@ from billhook.attention import AttentionSweeper
 from billhook.config import load_settings
 from billhook.processing import Processor
 from billhook.store.schema import invoices
-from test_processing import BASE, PAID, canonical, deliver, drain
+from test_processing import BASE, PAID, canonical, deliver, deliver_refund_before_payment, drain
 
 ALERT = 3600.0
 
@@ -25,16 +25,7 @@ def _attention(engine: Engine) -> str | None:
 def test_held_refund_is_flagged_after_the_alert_delay(database_url: str, engine: Engine) -> None:
     settings = load_settings(database_url=database_url, held_refund_alert_seconds=ALERT)
     processor = Processor(settings, clock=lambda: BASE + 30)
-    deliver(
-        engine,
-        "standard",
-        canonical("e1", "invoice.finalized", BASE, status="open", currency="eur", amount_due=5000),
-    )
-    deliver(
-        engine,
-        "standard",
-        canonical("e3", "invoice.refunded", BASE + 20, refund={"id": "re_1", "amount": 5000}),
-    )
+    deliver_refund_before_payment(engine)
     assert drain(engine, processor) == []
     assert _attention(engine) is None
 

@@ -112,7 +112,8 @@ PAID = dict(
 )
 
 
-def test_refund_before_payment_and_triple_delivery(engine: Engine, processor: Processor) -> None:
+def deliver_refund_before_payment(engine: Engine) -> None:
+    """inv_1 finalized (open, 5000 eur), then refund re_1 of 5000 — no payment yet."""
     deliver(
         engine,
         "standard",
@@ -123,6 +124,10 @@ def test_refund_before_payment_and_triple_delivery(engine: Engine, processor: Pr
         "standard",
         canonical("e3", "invoice.refunded", BASE + 20, refund={"id": "re_1", "amount": 5000}),
     )
+
+
+def test_refund_before_payment_and_triple_delivery(engine: Engine, processor: Processor) -> None:
+    deliver_refund_before_payment(engine)
     assert drain(engine, processor) == []
     held = invoice_row(engine)
     assert held.status == "open" and held.amount_refunded == 0
