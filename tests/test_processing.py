@@ -14,9 +14,10 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from billhook.applying import InvoiceNotYetKnown
 from billhook.billing import InvoiceState
 from billhook.config import load_settings
-from billhook.processing import InvoiceNotYetKnown, Processor, on_job_dead
+from billhook.processing import Processor, on_job_dead
 from billhook.queue.claims import claim, complete
 from billhook.queue.jobs import Job
 from billhook.sources import IncomingEvent

@@ -15,9 +15,9 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from billhook.applying import merge_attention
 from billhook.billing import InvoiceState, needs_attention
 from billhook.config import Settings
-from billhook.processing import merge_attention
 from billhook.store.engine import transaction
 from billhook.store.schema import invoices
 

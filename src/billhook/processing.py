@@ -1,9 +1,9 @@
-"""Processing one stored event: parse it, apply the billing model, commit state + story + effects.
+"""Processing stored events: read them, parse them, apply them, mark them, in one transaction.
 
-This is the imperative shell around the pure model (`billhook.billing`). For one event it runs,
-in ONE transaction: resolve the invoice (refunds and disputes name only their charge), apply the
-event, write the invoice under a version check, append the transitions that say why, insert the
-effect intents into the outbox (unique idempotency keys), and mark the event processed.
+The `process_event` job handler. For one job, or for a batch the worker claimed together, it
+reads the raw bodies in one statement, parses each into the canonical event, hands the parsed
+events to `billhook.applying` (resolve the invoice, apply the pure model, write invoice under a
+version check + transitions + outbox rows) and marks each event processed or ignored.
 
 It is safe to run any number of times for the same event: the model is idempotent (applying an
 event twice changes nothing the second time) and the outbox refuses a key it already holds. That
@@ -16,45 +16,33 @@ default registry runs; `Processor(settings)` is the same handler with explicit s
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import lru_cache
+from typing import Any
 
 import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from billhook.billing import BillingEvent, UnprocessableEvent, apply, needs_attention, parse_event
+from billhook.applying import DEAD_JOB_MARK, Arrived, apply_events
+from billhook.billing import BillingEvent, UnprocessableEvent, parse_event
 from billhook.config import Settings, load_settings
-from billhook.effects.outbox import enqueue_effects
-from billhook.errors import BillhookError, NotFound
+from billhook.errors import NotFound
 from billhook.queue.jobs import Job
 from billhook.store.engine import transaction
-from billhook.store.invoices import (
-    invoice_for_charge,
-    link_charge,
-    load_invoice,
-    record_changes,
-    save_invoice,
-)
+from billhook.store.invoices import invoice_for_charge
 from billhook.store.schema import events, invoices
-
-DEAD_JOB_MARK = "dead job"
 
 # Built once with bind parameters (building a statement per event cost more than running it).
 _EVENT_PK = events.c.id == sa.bindparam("event_pk", type_=sa.BigInteger())
-_LOAD_EVENT = sa.select(events.c.source, events.c.body).where(_EVENT_PK)
+_LOAD_EVENTS = sa.select(events.c.id, events.c.source, events.c.body).where(
+    events.c.id.in_(sa.bindparam("event_pks", expanding=True))
+)
 _MARK = (
     events.update()
     .where(_EVENT_PK)
     .values(outcome=sa.bindparam("outcome"), processed_at=sa.bindparam("processed_at"))
 )
-
-
-class InvoiceNotYetKnown(BillhookError):
-    """A refund or dispute names a charge whose invoice billhook has not seen yet.
-
-    The job retries with backoff; the invoice's own events usually arrive in the meantime.
-    """
 
 
 class Processor:
@@ -73,59 +61,70 @@ class Processor:
             self.run_in(connection, job)
 
     def run_in(self, connection: Connection, job: Job) -> None:
-        """Process `job`'s event inside the caller's transaction (the worker runs a claimed
-        batch in one transaction, each job under its own savepoint)."""
-        if job.event_pk is None:
-            return
-        source, body = _load_event(connection, job.event_pk)
-        event = decode_event(source, body)
-        if event is None:
-            _mark(connection, job.event_pk, "ignored", self.clock())
-            return
-        self.apply_event(connection, event, source=source, event_pk=job.event_pk)
-        _mark(connection, job.event_pk, "processed", self.clock())
+        """Process `job`'s event inside the caller's transaction."""
+        failure = self.run_many(connection, [job]).get(job.id)
+        if failure is not None:
+            raise failure
+
+    def run_many(self, connection: Connection, jobs: Sequence[Job]) -> dict[int, Exception]:
+        """Process the events of `jobs`, in order, inside the caller's transaction.
+
+        Returns the jobs whose event the model refused (nothing of theirs is written); raises,
+        having written part of the batch, when the database refuses: roll back then."""
+        now = self.clock()
+        wanted = [job.event_pk for job in jobs if job.event_pk is not None]
+        rows = {
+            row.id: (row.source, bytes(row.body))
+            for row in connection.execute(_LOAD_EVENTS, {"event_pks": wanted})
+        }
+        failures: dict[int, Exception] = {}
+        batch: list[Arrived] = []
+        owners: list[Job] = []
+        marks: list[dict[str, Any]] = []
+        for job in jobs:
+            if job.event_pk is None:
+                continue
+            stored = rows.get(job.event_pk)
+            if stored is None:
+                failures[job.id] = NotFound(f"event {job.event_pk} is not in the store")
+                continue
+            try:
+                event = decode_event(*stored)
+            except UnprocessableEvent as exc:
+                failures[job.id] = exc
+                continue
+            if event is None:
+                marks.append({"event_pk": job.event_pk, "outcome": "ignored", "processed_at": now})
+                continue
+            batch.append(Arrived(event, stored[0], job.event_pk))
+            owners.append(job)
+        outcomes = apply_events(connection, batch, settings=self.settings, now=now)
+        for job, outcome in zip(owners, outcomes, strict=True):
+            if outcome is None:
+                marks.append(
+                    {"event_pk": job.event_pk, "outcome": "processed", "processed_at": now}
+                )
+            else:
+                failures[job.id] = outcome
+        if marks:
+            connection.execute(_MARK, marks)
+        return failures
+
+    def apply_events(
+        self, connection: Connection, batch: Sequence[Arrived]
+    ) -> list[Exception | None]:
+        """Apply parsed events in order inside the caller's transaction (replay's groups)."""
+        return apply_events(connection, batch, settings=self.settings, now=self.clock())
 
     def apply_event(
         self, connection: Connection, event: BillingEvent, *, source: str, event_pk: int | None
     ) -> None:
-        """Apply one parsed event inside the caller's transaction (also used by replay)."""
-        now = self.clock()
-        event = _resolve_invoice(connection, event)
-        link = event.charge_link
-        if link is not None:
-            link_charge(connection, link[0], link[1], now)
-        assert event.invoice_id is not None
-        seen = load_invoice(connection, event.invoice_id, lock=True)
-        applied = apply(None if seen is None else seen.state, event)
-        if seen is not None and applied.state == seen.state and not applied.changes:
-            return
-        attention = merge_attention(
-            needs_attention(
-                applied.state,
-                now=now,
-                held_refund_alert_seconds=self.settings.held_refund_alert_seconds,
-            ),
-            None if seen is None else seen.attention,
+        """Apply one parsed event inside the caller's transaction."""
+        (failure,) = apply_events(
+            connection, [Arrived(event, source, event_pk)], settings=self.settings, now=self.clock()
         )
-        save_invoice(
-            connection, applied.state, source=source, seen=seen, attention=attention, now=now
-        )
-        record_changes(connection, event.invoice_id, applied.changes, event_pk=event_pk, now=now)
-        enqueue_effects(
-            connection,
-            applied.effects,
-            invoice_id=event.invoice_id,
-            event_pk=event_pk,
-            now=now,
-            settings=self.settings,
-        )
-
-
-def _load_event(connection: Connection, event_pk: int) -> tuple[str, bytes]:
-    row = connection.execute(_LOAD_EVENT, {"event_pk": event_pk}).first()
-    if row is None:
-        raise NotFound(f"event {event_pk} is not in the store")
-    return row.source, bytes(row.body)
+        if failure is not None:
+            raise failure
 
 
 def decode_event(source: str, body: bytes) -> BillingEvent | None:
@@ -137,29 +136,6 @@ def decode_event(source: str, body: bytes) -> BillingEvent | None:
     if not isinstance(payload, dict):
         raise UnprocessableEvent("stored body is not a JSON object")
     return parse_event(source, payload)
-
-
-def _resolve_invoice(connection: Connection, event: BillingEvent) -> BillingEvent:
-    if event.invoice_id is not None:
-        return event
-    if event.charge_id is None:
-        raise UnprocessableEvent(
-            f"event {event.event_id} ({event.raw_type}) names neither an invoice nor a charge"
-        )
-    invoice_id = invoice_for_charge(connection, event.charge_id)
-    if invoice_id is None:
-        raise InvoiceNotYetKnown(
-            f"{event.raw_type} {event.event_id} is about charge {event.charge_id}, whose invoice "
-            "has not been seen yet; retrying until an invoice event names that charge"
-        )
-    return event.with_invoice(invoice_id)
-
-
-def merge_attention(model_reason: str | None, previous: str | None) -> str | None:
-    """The model's reasons, plus any dead-job flag an operator has not cleared yet."""
-    kept = [part for part in (previous or "").split("; ") if part.startswith(DEAD_JOB_MARK)]
-    parts = ([model_reason] if model_reason else []) + kept
-    return "; ".join(parts) or None
 
 
 def _mark(connection: Connection, event_pk: int, outcome: str, now: float) -> None:
@@ -182,6 +158,9 @@ class _DefaultHandler:
 
     def run_in(self, connection: Connection, job: Job) -> None:
         _default_processor().run_in(connection, job)
+
+    def run_many(self, connection: Connection, jobs: Sequence[Job]) -> dict[int, Exception]:
+        return _default_processor().run_many(connection, jobs)
 
 
 handle_process_event = _DefaultHandler()

@@ -44,6 +44,21 @@ def enqueue_effects(
     A key already in the outbox is skipped by the database (`ON CONFLICT DO NOTHING`), so
     re-applying an event never enqueues its effects twice. Returns the rows actually inserted.
     """
+    rows = effect_rows(
+        intents, invoice_id=invoice_id, event_pk=event_pk, now=now, settings=settings
+    )
+    return insert_effects(connection, rows)
+
+
+def effect_rows(
+    intents: Iterable[EffectIntent],
+    *,
+    invoice_id: str | None,
+    event_pk: int | None,
+    now: float,
+    settings: Settings,
+) -> list[dict[str, Any]]:
+    """The outbox rows for `intents`: one email each, plus a webhook when a URL is set."""
     rows: list[dict[str, Any]] = []
     seen: set[str] = set()
     for intent in intents:
@@ -71,6 +86,11 @@ def enqueue_effects(
                     "created_at": now,
                 }
             )
+    return rows
+
+
+def insert_effects(connection: Connection, rows: list[dict[str, Any]]) -> int:
+    """Insert outbox rows, skipping keys the outbox already holds; returns the rows inserted."""
     if not rows:
         return 0
     statement = _INSERT_EFFECT[connection.dialect.name == "postgresql"]

@@ -27,6 +27,7 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from billhook.applying import DEAD_JOB_MARK, Arrived, InvoiceNotYetKnown
 from billhook.billing import (
     BillingEvent,
     Change,
@@ -54,17 +55,17 @@ from billhook.ops.replay_selection import (
     ReplayPlan,
     Selection,
     StoredEvent,
-    charge_invoices,
     chunks,
     load_events,
     parse_time,
     plan_replay,
 )
-from billhook.processing import DEAD_JOB_MARK, InvoiceNotYetKnown, Processor, decode_event
+from billhook.processing import Processor, decode_event
 from billhook.store.engine import transaction
 from billhook.store.invoices import (
     ConcurrentUpdate,
     StoredInvoice,
+    charge_invoices,
     link_charge,
     record_changes,
     save_invoice,
@@ -315,17 +316,18 @@ class _Run:
         self, connection: Connection, processor: Processor, group: Sequence[_Decoded]
     ) -> bool:
         """All of `group` in one transaction; False (nothing written) if any event refused."""
+        arrivals = [
+            Arrived(item.event, item.stored.source, item.stored.pk) for item in group if item.event
+        ]
         try:
             with _begin(connection):
-                for item in group:
-                    assert item.event is not None
-                    processor.apply_event(
-                        connection, item.event, source=item.stored.source, event_pk=item.stored.pk
-                    )
+                outcomes = processor.apply_events(connection, arrivals)
+                if any(outcome is not None for outcome in outcomes):
+                    raise _GroupRefused
                 unmarked = [item.stored.pk for item in group if item.stored.outcome != "processed"]
                 if unmarked:
                     _mark(connection, unmarked, "processed", self.clock())
-        except (ConcurrentUpdate, UnprocessableEvent, InvoiceNotYetKnown, ValueError):
+        except (_GroupRefused, ConcurrentUpdate, sa.exc.IntegrityError):
             return False
         self.applied += len(group)
         return True
@@ -529,6 +531,10 @@ class _Known:
             return False
         applied = apply(state, event.with_invoice(invoice_id))
         return applied.state == state and not applied.changes
+
+
+class _GroupRefused(Exception):
+    """An event of a group needs its own transaction: roll the group back."""
 
 
 @contextmanager

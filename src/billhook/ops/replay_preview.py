@@ -23,13 +23,12 @@ from billhook.ops.replay_selection import (
     CHUNK,
     Selection,
     StoredEvent,
-    charge_invoices,
     chunks,
     load_events,
     plan_replay,
 )
 from billhook.processing import decode_event
-from billhook.store.invoices import events_about, summary_columns
+from billhook.store.invoices import charge_invoices, events_about, summary_columns
 from billhook.store.schema import effects, events, invoices
 
 SUMMARY_COLUMNS = (

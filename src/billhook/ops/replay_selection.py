@@ -18,8 +18,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from billhook.errors import InvalidRequest, NotFound
-from billhook.store.invoices import events_about
-from billhook.store.schema import charge_links, events, invoices
+from billhook.store.invoices import charge_invoices, events_about
+from billhook.store.schema import events, invoices
 
 CHUNK = 500
 
@@ -159,19 +159,6 @@ def load_events(connection: Connection, pks: Sequence[int]) -> list[StoredEvent]
 def chunks(values: Sequence[int], size: int = CHUNK) -> Iterator[Sequence[int]]:
     for start in range(0, len(values), size):
         yield values[start : start + size]
-
-
-def charge_invoices(connection: Connection, charge_ids: Sequence[str]) -> dict[str, str]:
-    found: dict[str, str] = {}
-    ids = list(charge_ids)
-    for start in range(0, len(ids), CHUNK):
-        rows = connection.execute(
-            sa.select(charge_links.c.charge_id, charge_links.c.invoice_id).where(
-                charge_links.c.charge_id.in_(ids[start : start + CHUNK])
-            )
-        )
-        found.update({row.charge_id: row.invoice_id for row in rows})
-    return found
 
 
 def _condition(connection: Connection, selection: Selection) -> sa.ColumnElement[bool]:

@@ -49,10 +49,13 @@ SQLITE_POLL_SECONDS = 0.05
 MAX_SHARED_COMMIT = 50
 
 
-class InTransactionHandler(Protocol):
-    """A handler that can also run inside the worker's transaction (`Processor` is one)."""
+class BatchHandler(Protocol):
+    """A handler that can run a batch of jobs inside the worker's transaction (`Processor`).
 
-    def run_in(self, connection: Connection, job: Job) -> None: ...
+    `run_many` returns the jobs it refused (with why) having written nothing of theirs, and
+    raises when the database refuses: the worker then rolls back and runs each job alone."""
+
+    def run_many(self, connection: Connection, jobs: Sequence[Job]) -> dict[int, Exception]: ...
 
 
 class Service(Protocol):
@@ -154,41 +157,40 @@ class Worker:
         return len(rescued)
 
     def _execute_many(self, batch: Sequence[Job]) -> None:
-        """Run a batch: jobs whose handler has `run_in` in one transaction (one commit, with
-        their completions), each under its own savepoint so a failing job fails alone; the
-        others one by one."""
-        shared: list[tuple[Job, InTransactionHandler]] = []
+        """Run a batch: jobs whose handler can run inside a transaction share one (one commit,
+        with their completions); the others run one by one."""
+        shared: dict[str, list[Job]] = {}
         for job in batch:
-            handler = self.registry.handlers.get(job.kind)
-            if len(batch) > 1 and hasattr(handler, "run_in"):
-                shared.append((job, handler))  # type: ignore[arg-type]
+            if len(batch) > 1 and self._batchable(job):
+                shared.setdefault(job.kind, []).append(job)
             else:
                 self._execute(job)
-        for start in range(0, len(shared), MAX_SHARED_COMMIT):
-            self._execute_shared(shared[start : start + MAX_SHARED_COMMIT])
+        for kind, jobs in shared.items():
+            handler = self.registry.handlers[kind]
+            for start in range(0, len(jobs), MAX_SHARED_COMMIT):
+                self._execute_shared(handler, jobs[start : start + MAX_SHARED_COMMIT])  # type: ignore[arg-type]
 
-    def _execute_shared(self, shared: Sequence[tuple[Job, InTransactionHandler]]) -> None:
-        failed: dict[int, Exception] = {}
+    def _batchable(self, job: Job) -> bool:
+        return hasattr(self.registry.handlers.get(job.kind), "run_many")
+
+    def _execute_shared(self, handler: BatchHandler, jobs: Sequence[Job]) -> None:
+        """One transaction for the batch; a job the handler refuses fails alone. If the database
+        refuses the batch, nothing of it committed: each job then runs on its own."""
         try:
             with transaction(self.engine) as connection:
-                for job, handler in shared:
-                    try:
-                        with connection.begin_nested():
-                            handler.run_in(connection, job)
-                    except Exception as exc:
-                        failed[job.id] = exc
-                done = [job for job, _ in shared if job.id not in failed]
+                failed = handler.run_many(connection, jobs)
+                done = [job for job in jobs if job.id not in failed]
                 for job in done:
                     self._mark_finishing(job)
                 completed = complete_many_in(connection, done, now=self._clock())
         except Exception as exc:
             # Nothing of the batch committed (or the commit's fate is unknown): run each job on
             # its own; handlers are idempotent and a job no longer held is not completed twice.
-            _log.warning("shared_commit_failed", jobs=len(shared), error=repr(exc))
-            for job, _ in shared:
+            _log.warning("shared_commit_failed", jobs=len(jobs), error=repr(exc))
+            for job in jobs:
                 self._execute(job)
             return
-        for job, _ in shared:
+        for job in jobs:
             if job.id in failed:
                 self._mark_finishing(job)
                 self._record_failure(job, failed[job.id])
@@ -344,7 +346,7 @@ class Worker:
             # executors keep running them in parallel.
             batch = [job]
             stop = False
-            shareable = hasattr(self.registry.handlers.get(job.kind), "run_in")
+            shareable = self._batchable(job)
             while shareable and len(batch) < MAX_SHARED_COMMIT:
                 try:
                     more = self._work.get_nowait()

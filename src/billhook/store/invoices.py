@@ -8,7 +8,7 @@ raced on one invoice cannot both win: the loser retries with the fresh state.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,13 +34,36 @@ class StoredInvoice:
 
 
 def load_invoice(connection: Connection, invoice_id: str, *, lock: bool) -> StoredInvoice | None:
-    query = _LOAD_FOR_UPDATE if lock and connection.dialect.name == "postgresql" else _LOAD
-    row = connection.execute(query, {"invoice_id": invoice_id}).first()
-    if row is None:
-        return None
-    return StoredInvoice(
-        InvoiceState.from_dict(orjson.loads(row.state)), row.version, row.attention
+    found = load_invoices(connection, [invoice_id], lock=lock).get(invoice_id)
+    if isinstance(found, ValueError):
+        raise found
+    return found
+
+
+def load_invoices(
+    connection: Connection, invoice_ids: Sequence[str], *, lock: bool
+) -> dict[str, StoredInvoice | ValueError]:
+    """The stored invoices among `invoice_ids` (a ValueError for a state that cannot be read).
+
+    `lock` takes their row locks on PostgreSQL, in id order so that two writers locking
+    overlapping sets wait for each other instead of deadlocking."""
+    query = (
+        _LOAD_MANY_FOR_UPDATE if lock and connection.dialect.name == "postgresql" else _LOAD_MANY
     )
+    found: dict[str, StoredInvoice | ValueError] = {}
+    ids = sorted(invoice_ids)
+    for start in range(0, len(ids), _CHUNK):
+        rows = connection.execute(query, {"invoice_ids": ids[start : start + _CHUNK]})
+        for row in rows:
+            try:
+                state = InvoiceState.from_dict(orjson.loads(row.state))
+            except (ValueError, AttributeError, KeyError, TypeError) as exc:
+                found[row.id] = ValueError(
+                    f"the stored state of invoice {row.id} is unreadable: {exc}"
+                )
+                continue
+            found[row.id] = StoredInvoice(state, row.version, row.attention)
+    return found
 
 
 def summary_columns(state: InvoiceState) -> dict[str, Any]:
@@ -58,7 +81,8 @@ def summary_columns(state: InvoiceState) -> dict[str, Any]:
     }
 
 
-def _columns(state: InvoiceState, attention: str | None, now: float) -> dict[str, Any]:
+def invoice_columns(state: InvoiceState, attention: str | None, now: float) -> dict[str, Any]:
+    """Every column an invoice write sets from the model's state."""
     return {
         **summary_columns(state),
         "state": orjson.dumps(state.to_dict(), option=orjson.OPT_SORT_KEYS).decode(),
@@ -77,7 +101,7 @@ def save_invoice(
     now: float,
 ) -> None:
     """Insert a new invoice or update the one read as `seen`; `ConcurrentUpdate` if it moved."""
-    values = _columns(state, attention, now)
+    values = invoice_columns(state, attention, now)
     if seen is None:
         statement = _INSERT_INVOICE[connection.dialect.name == "postgresql"]
         created = connection.execute(
@@ -108,7 +132,14 @@ def record_changes(
     event_pk: int | None,
     now: float,
 ) -> None:
-    rows = [
+    insert_transitions(connection, transition_rows(invoice_id, changes, event_pk=event_pk, now=now))
+
+
+def transition_rows(
+    invoice_id: str, changes: Iterable[Change], *, event_pk: int | None, now: float
+) -> list[dict[str, Any]]:
+    """`invoice_transitions` rows for the model's changes, naming the event that caused them."""
+    return [
         {
             "invoice_id": invoice_id,
             "event_pk": event_pk,
@@ -119,8 +150,46 @@ def record_changes(
         }
         for change in changes
     ]
+
+
+def insert_transitions(connection: Connection, rows: list[dict[str, Any]]) -> None:
     if rows:
         connection.execute(_INSERT_TRANSITION, rows)
+
+
+def insert_invoices(connection: Connection, rows: list[dict[str, Any]], *, now: float) -> None:
+    """Insert new invoices (rows of `invoice_columns` plus id and source), version 1.
+
+    `ConcurrentUpdate` when another writer created one of them first: nothing is kept then."""
+    if not rows:
+        return
+    statement = _INSERT_INVOICE[connection.dialect.name == "postgresql"]
+    params = [{**row, "version": 1, "created_at": now} for row in rows]
+    created = len(connection.execute(statement, params).all())
+    if created != len(rows):
+        raise ConcurrentUpdate(
+            f"{len(rows) - created} of {len(rows)} invoices were created concurrently"
+        )
+
+
+def update_invoices(
+    connection: Connection, rows: Sequence[tuple[StoredInvoice, dict[str, Any]]]
+) -> None:
+    """Write new columns over invoices read as `seen`, each under its version check."""
+    if not rows:
+        return
+    params = [
+        {
+            "invoice_id": seen.state.invoice_id,
+            "seen_version": seen.version,
+            "version": seen.version + 1,
+            **columns,
+        }
+        for seen, columns in rows
+    ]
+    result = connection.execute(_UPDATE_INVOICE, params)
+    if result.rowcount != len(params):
+        raise ConcurrentUpdate("an invoice changed while this batch was applied")
 
 
 def link_charge(connection: Connection, charge_id: str, invoice_id: str, now: float) -> None:
@@ -128,6 +197,28 @@ def link_charge(connection: Connection, charge_id: str, invoice_id: str, now: fl
         _LINK_CHARGE[connection.dialect.name == "postgresql"],
         {"charge_id": charge_id, "invoice_id": invoice_id, "created_at": now},
     )
+
+
+def link_charges(connection: Connection, links: dict[str, str], now: float) -> None:
+    """Record charge -> invoice links; a charge already linked keeps its invoice."""
+    if links:
+        connection.execute(
+            _LINK_CHARGE[connection.dialect.name == "postgresql"],
+            [
+                {"charge_id": charge, "invoice_id": invoice, "created_at": now}
+                for charge, invoice in links.items()
+            ],
+        )
+
+
+def charge_invoices(connection: Connection, charge_ids: Sequence[str]) -> dict[str, str]:
+    """The invoice of each linked charge among `charge_ids`."""
+    found: dict[str, str] = {}
+    ids = list(charge_ids)
+    for start in range(0, len(ids), _CHUNK):
+        rows = connection.execute(_CHARGES_INVOICES, {"charge_ids": ids[start : start + _CHUNK]})
+        found.update({row.charge_id: row.invoice_id for row in rows})
+    return found
 
 
 def invoice_for_charge(connection: Connection, charge_id: str) -> str | None:
@@ -156,10 +247,13 @@ def events_about(connection: Connection, invoice_id: str) -> sa.ColumnElement[bo
 # The hot-path statements, built once with bind parameters: building a statement per call cost
 # more CPU than running it (profile in bench/RESULTS.md). ON CONFLICT inserts are per dialect,
 # indexed by `dialect is postgresql`.
-_LOAD = sa.select(invoices.c.state, invoices.c.version, invoices.c.attention).where(
-    invoices.c.id == sa.bindparam("invoice_id", type_=sa.String())
+_CHUNK = 500
+_LOAD_MANY = (
+    sa.select(invoices.c.id, invoices.c.state, invoices.c.version, invoices.c.attention)
+    .where(invoices.c.id.in_(sa.bindparam("invoice_ids", expanding=True)))
+    .order_by(invoices.c.id)
 )
-_LOAD_FOR_UPDATE = _LOAD.with_for_update()
+_LOAD_MANY_FOR_UPDATE = _LOAD_MANY.with_for_update()
 _SUMMARY_NAMES = (
     "number",
     "status",
@@ -203,6 +297,9 @@ _LINK_CHARGE = tuple(
     )
     .on_conflict_do_nothing(index_elements=[charge_links.c.charge_id])
     for dialect in (sqlite, postgresql)
+)
+_CHARGES_INVOICES = sa.select(charge_links.c.charge_id, charge_links.c.invoice_id).where(
+    charge_links.c.charge_id.in_(sa.bindparam("charge_ids", expanding=True))
 )
 _CHARGE_INVOICE = sa.select(charge_links.c.invoice_id).where(
     charge_links.c.charge_id == sa.bindparam("charge_id", type_=sa.String())

@@ -1,0 +1,182 @@
+"""Apply parsed events to the stored invoices: many events, one transaction, a few statements.
+
+This is the write half of the imperative shell around the pure model (`billhook.billing`), shared
+by the worker (a claimed batch of jobs), replay (a group of selected events) and the one-event
+path. For a batch it:
+
+1. resolves refunds and disputes that name only their charge (one read of `charge_links`, plus
+   the links earlier events of the same batch make);
+2. reads every invoice the batch is about in one statement (row locks on PostgreSQL, taken in
+   id order so two workers cannot deadlock; SQLite's write lock is already held);
+3. applies the events in the given order in memory: two events about one invoice see each
+   other, exactly as if they had been applied one after the other;
+4. writes what changed with one executemany per table: invoices (insert or version-checked
+   update), transitions, outbox rows, charge links.
+
+An event the model refuses (no invoice known yet, an unreadable stored state, a payload without
+what billing needs) fails alone: it is left out of the writes and reported in its slot. A
+database refusal (another writer created or moved an invoice first) raises and writes nothing
+of the batch; callers then go one event at a time, where each conflict is retried on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.engine import Connection
+
+from billhook.billing import BillingEvent, InvoiceState, apply, needs_attention
+from billhook.config import Settings
+from billhook.effects.outbox import effect_rows, insert_effects
+from billhook.errors import BillhookError
+from billhook.store.invoices import (
+    StoredInvoice,
+    charge_invoices,
+    insert_invoices,
+    insert_transitions,
+    invoice_columns,
+    link_charges,
+    load_invoices,
+    transition_rows,
+    update_invoices,
+)
+
+DEAD_JOB_MARK = "dead job"
+
+
+class InvoiceNotYetKnown(BillhookError):
+    """A refund or dispute names a charge whose invoice billhook has not seen yet.
+
+    The job retries with backoff; the invoice's own events usually arrive in the meantime.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class Arrived:
+    """One parsed event to apply, with where it is stored (None: not a stored event)."""
+
+    event: BillingEvent
+    source: str
+    event_pk: int | None
+
+
+@dataclass
+class _Invoice:
+    """An invoice as the batch sees it: what was read, and what applying made of it."""
+
+    seen: StoredInvoice | None
+    state: InvoiceState | None
+    attention: str | None
+    source: str
+    dirty: bool = False
+
+
+def apply_events(
+    connection: Connection, batch: Sequence[Arrived], *, settings: Settings, now: float
+) -> list[Exception | None]:
+    """Apply `batch` in order inside the caller's transaction; one slot per event: None when
+    it is applied (or was already), else the reason it was not."""
+    outcomes: list[Exception | None] = [None] * len(batch)
+    links = charge_invoices(
+        connection, sorted({a.event.charge_id for a in batch if a.event.charge_id})
+    )
+    new_links: dict[str, str] = {}
+    resolved: list[BillingEvent | None] = []
+    for slot, arrived in enumerate(batch):
+        event = arrived.event
+        if event.invoice_id is None and event.charge_id is not None:
+            invoice_id = links.get(event.charge_id)
+            if invoice_id is None:
+                outcomes[slot] = _not_yet_known(event)
+                resolved.append(None)
+                continue
+            event = event.with_invoice(invoice_id)
+        elif event.invoice_id is None:
+            outcomes[slot] = InvoiceNotYetKnown(
+                f"event {event.event_id} ({event.raw_type}) names neither an invoice nor a charge"
+            )
+            resolved.append(None)
+            continue
+        link = event.charge_link
+        if link is not None and link[0] not in links:
+            # The first invoice named for a charge keeps it (the table refuses a second).
+            links[link[0]] = new_links[link[0]] = link[1]
+        resolved.append(event)
+
+    wanted = sorted({e.invoice_id for e in resolved if e is not None and e.invoice_id})
+    stored = load_invoices(connection, wanted, lock=True)
+    invoices: dict[str, _Invoice] = {}
+    transitions: list[dict[str, Any]] = []
+    outbox: list[dict[str, Any]] = []
+    for slot, (arrived, known) in enumerate(zip(batch, resolved, strict=True)):
+        if known is None:
+            continue
+        event = known
+        assert event.invoice_id is not None
+        invoice = invoices.get(event.invoice_id)
+        if invoice is None:
+            read = stored.get(event.invoice_id)
+            if isinstance(read, Exception):
+                outcomes[slot] = read
+                continue
+            invoice = invoices[event.invoice_id] = _Invoice(
+                read,
+                None if read is None else read.state,
+                None if read is None else read.attention,
+                arrived.source,
+            )
+        applied = apply(invoice.state, event)
+        if invoice.state is not None and applied.state == invoice.state and not applied.changes:
+            continue
+        invoice.state = applied.state
+        invoice.attention = merge_attention(
+            needs_attention(
+                applied.state, now=now, held_refund_alert_seconds=settings.held_refund_alert_seconds
+            ),
+            invoice.attention,
+        )
+        invoice.dirty = True
+        transitions += transition_rows(
+            event.invoice_id, applied.changes, event_pk=arrived.event_pk, now=now
+        )
+        outbox += effect_rows(
+            applied.effects,
+            invoice_id=event.invoice_id,
+            event_pk=arrived.event_pk,
+            now=now,
+            settings=settings,
+        )
+
+    link_charges(connection, new_links, now)
+    created: list[dict[str, Any]] = []
+    updated: list[tuple[StoredInvoice, dict[str, Any]]] = []
+    for invoice in invoices.values():
+        if not invoice.dirty:
+            continue
+        assert invoice.state is not None
+        columns = invoice_columns(invoice.state, invoice.attention, now)
+        if invoice.seen is None:
+            created.append({"id": invoice.state.invoice_id, "source": invoice.source, **columns})
+        else:
+            updated.append((invoice.seen, columns))
+    insert_invoices(connection, created, now=now)
+    update_invoices(connection, updated)
+    insert_transitions(connection, transitions)
+    insert_effects(connection, outbox)
+    return outcomes
+
+
+def _not_yet_known(event: BillingEvent) -> InvoiceNotYetKnown:
+    return InvoiceNotYetKnown(
+        f"{event.raw_type} {event.event_id} is about charge {event.charge_id}, whose invoice "
+        "has not been seen yet; retrying until an invoice event names that charge"
+    )
+
+
+def merge_attention(model_reason: str | None, previous: str | None) -> str | None:
+    """The model's reasons, plus any dead-job flag an operator has not cleared yet."""
+    kept = [part for part in (previous or "").split("; ") if part.startswith(DEAD_JOB_MARK)]
+    parts = ([model_reason] if model_reason else []) + kept
+    return "; ".join(parts) or None
