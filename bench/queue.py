@@ -383,22 +383,46 @@ def main() -> None:
     parser.add_argument("--latency-jobs", type=int, default=200)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--no-record", action="store_true", help="Do not append to RESULTS.md.")
+    parser.add_argument(
+        "--quick", action="store_true",
+        help="Only billhook (PostgreSQL) and pgqueuer; implies --no-record.",
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=1,
+        help="Run the PostgreSQL pair this many times, alternating which goes first.",
+    )
     args = parser.parse_args()
     load_before = os.getloadavg()
     results: list[Result] = []
-    with _pg_database() as url:
-        results.append(bench_billhook(url, "billhook (PostgreSQL)", args.jobs, args.latency_jobs,
-                                      args.processes))
-    for system in ("pgqueuer", "procrastinate"):
+    for round_ in range(args.repeat):
+        pair: list[Result] = []
+        order = ("billhook", "pgqueuer") if round_ % 2 == 0 else ("pgqueuer", "billhook")
+        for system in order:
+            with _pg_database() as url:
+                if system == "billhook":
+                    pair.append(bench_billhook(url, "billhook (PostgreSQL)", args.jobs,
+                                               args.latency_jobs, args.processes))
+                else:
+                    pair.append(bench_foreign(system, url, args.jobs, args.latency_jobs,
+                                              args.processes))
+        ours = next(r for r in pair if r.system.startswith("billhook"))
+        theirs = next(r for r in pair if r.system == "pgqueuer")
+        print(f"round {round_ + 1}: billhook {ours.throughput:,.0f} jobs/s, pgqueuer "
+              f"{theirs.throughput:,.0f} jobs/s, ratio {ours.throughput / theirs.throughput:.2f}x",
+              flush=True)
+        results += pair
+    if not args.quick:
         with _pg_database() as url:
-            results.append(bench_foreign(system, url, args.jobs, args.latency_jobs,
+            results.append(bench_foreign("procrastinate", url, args.jobs, args.latency_jobs,
                                          args.processes))
-    with tempfile.TemporaryDirectory() as scratch:
-        url = f"sqlite:///{scratch}/bench.db"
-        results.append(bench_billhook(url, "billhook (SQLite)", args.jobs, args.latency_jobs,
-                                      args.processes))
+        with tempfile.TemporaryDirectory() as scratch:
+            url = f"sqlite:///{scratch}/bench.db"
+            results.append(bench_billhook(url, "billhook (SQLite)", args.jobs,
+                                          args.latency_jobs, args.processes))
     table = _table(results)
     print(table)
+    if args.quick:
+        return
     if args.no_record:
         return
     header = (
