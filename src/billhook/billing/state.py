@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import cached_property
 from typing import Any, TypeVar
 
 from billhook.billing.events import LIFECYCLE_KINDS, REFUND_COUNTED, BillingEvent, EventKind
@@ -156,7 +157,10 @@ class DisputeRecord:
 
 @dataclass(frozen=True)
 class InvoiceState:
-    """Everything billhook knows about one invoice, as facts; the view is derived (properties)."""
+    """Everything billhook knows about one invoice, as facts; the view is derived (properties).
+
+    The facts never change after construction, so the derived views that the shell reads many
+    times per event (status, refund totals, anomalies) are computed once per state."""
 
     invoice_id: str
     milestones: Mapping[str, float] = field(default_factory=dict)
@@ -247,7 +251,7 @@ class InvoiceState:
         """Paid or void: nothing is owed any more, so a failed attempt needs no notice."""
         return self.is_paid or VOIDED in self.milestones
 
-    @property
+    @cached_property
     def status(self) -> InvoiceStatus | None:
         m = self.milestones
         if self.is_paid:
@@ -287,7 +291,7 @@ class InvoiceState:
     def amount_due(self) -> int:
         return self._amount("amount_due") or 0
 
-    @property
+    @cached_property
     def amount_paid(self) -> int:
         paid = self._amount("amount_paid")
         # A sender that says "paid" without the amount paid it in full.
@@ -295,7 +299,7 @@ class InvoiceState:
             return self.amount_due
         return paid or 0
 
-    @property
+    @cached_property
     def counted_refunds(self) -> tuple[RefundRecord, ...]:
         """Refunds returning money, oldest first (provider time, then id)."""
         live = (r for r in self.refunds.values() if r.counted)
@@ -310,7 +314,7 @@ class InvoiceState:
         """Refunds known while the invoice is not known to be paid: recorded, not applied."""
         return () if self.is_paid else self.counted_refunds
 
-    @property
+    @cached_property
     def _refunded_total(self) -> int:
         # The by-id sum, or the provider's cumulative figure when its list was not expanded.
         return max(sum(r.amount for r in self.counted_refunds), self.reported_refunded)
@@ -327,7 +331,7 @@ class InvoiceState:
     def disputed(self) -> bool:
         return any(not d.closed for d in self.disputes.values())
 
-    @property
+    @cached_property
     def anomalies(self) -> tuple[str, ...]:
         """Facts a valid provider history cannot produce, kept and shown rather than dropped."""
         found: list[str] = []
