@@ -118,12 +118,14 @@ def test_four_workers_drain_5000_jobs_once_each_in_key_order(
          "created_at": time.time()}
         for n in range(5000)
     ]
-    with transaction(engine) as connection:
-        connection.execute(jobs.insert(), rows)
     # A long lease: this test is about throughput and order, not rescue (a loaded machine can
     # stall a heartbeat past a 1 s lease, and a rescued no-op job would rightly run twice).
     workers = [spawn(postgres_url, "recording", "--concurrency", "4",
                      BILLHOOK_LEASE_SECONDS="60") for _ in range(4)]
+    # Enqueued once all four are up: one worker alone can drain the backlog while the others
+    # are still starting.
+    with transaction(engine) as connection:
+        connection.execute(jobs.insert(), rows)
     _wait(lambda: _scalar(engine, "SELECT count(*) FROM jobs WHERE state = 'completed'") == 5000,
           240, "5000 completed jobs")
     assert [_stop(worker) for worker in workers] == [0, 0, 0, 0]

@@ -40,20 +40,31 @@ def claim(
     engine: Engine, *, worker_id: str, now: float, lease_seconds: float, limit: int = 1
 ) -> list[Job]:
     """Take up to `limit` claimable jobs under a lease; [] when none (or a key race was lost)."""
-    statement = _claim_statement(engine.dialect.name == "postgresql")
+    try:
+        with transaction(engine) as connection:
+            return claim_in(
+                connection, worker_id=worker_id, now=now, lease_seconds=lease_seconds, limit=limit
+            )
+    except sa.exc.IntegrityError:
+        # Another worker started a job of the same key after our snapshot; the unique index on
+        # running keys refused ours. Nothing is lost: the job is still claimable later.
+        return []
+
+
+def claim_in(
+    connection: Connection, *, worker_id: str, now: float, lease_seconds: float, limit: int
+) -> list[Job]:
+    """`claim` inside the caller's transaction (the worker completes finished jobs and claims
+    new ones in one commit). Raises `IntegrityError` when a key race was lost: the caller
+    rolls back."""
+    statement = _claim_statement(connection.dialect.name == "postgresql")
     params = {
         "b_now": now,
         "b_limit": limit,
         "b_worker_id": worker_id,
         "b_lease": now + lease_seconds,
     }
-    try:
-        with transaction(engine) as connection:
-            rows = connection.execute(statement, params).mappings().all()
-    except sa.exc.IntegrityError:
-        # Another worker started a job of the same key after our snapshot; the unique index on
-        # running keys refused ours. Nothing is lost: the job is still claimable later.
-        return []
+    rows = connection.execute(statement, params).mappings().all()
     return sorted((Job.from_row(row) for row in rows), key=lambda job: (job.order_ts, job.id))
 
 
@@ -171,6 +182,19 @@ def complete_many_in(connection: Connection, done: Sequence[Job], *, now: float)
     for job in done:
         by_worker.setdefault(job.worker_id, []).append(job)
     completed: set[int] = set()
+    if connection.dialect.name == "postgresql":
+        # One statement per worker: the update and the attempt rows in one round trip.
+        for worker_id, held in by_worker.items():
+            rows = connection.execute(
+                _complete_and_record_statement(),
+                {
+                    "b_worker_id": worker_id,
+                    "b_now": now,
+                    "b_held": [(job.id, job.attempts) for job in held],
+                },
+            ).all()
+            completed.update(int(row[0]) for row in rows)
+        return completed
     for worker_id, held in by_worker.items():
         rows = connection.execute(
             _complete_statement(),
@@ -205,6 +229,29 @@ def _complete_statement() -> sa.Update:
         )
         .returning(jobs.c.id)
     )
+
+
+@functools.cache
+def _complete_and_record_statement() -> sa.Select[int]:
+    # PostgreSQL only (SQLite has no data-modifying CTEs): the completion and its attempt rows.
+    done = (
+        _complete_statement()
+        .returning(jobs.c.attempts, jobs.c.worker_id, jobs.c.started_at)
+        .cte("done")
+    )
+    now: sa.BindParameter[float] = sa.bindparam("b_now", type_=sa.Double())
+    recorded = job_attempts.insert().from_select(
+        ["job_id", "attempt", "worker_id", "started_at", "finished_at", "outcome"],
+        sa.select(
+            done.c.id,
+            done.c.attempts,
+            done.c.worker_id,
+            sa.func.coalesce(done.c.started_at, now),
+            now,
+            sa.literal("completed"),
+        ),
+    ).cte("recorded")
+    return sa.select(done.c.id).add_cte(recorded)
 
 
 def fail(

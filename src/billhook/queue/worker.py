@@ -1,10 +1,11 @@
 """The worker service: claim jobs, run their handlers on N threads, keep leases alive, rescue
 what dead workers left behind, and shut down gracefully.
 
-Threads of one worker: a fetcher (claims as many jobs as there are free slots, then waits for a
-wake-up: a LISTEN notification on PostgreSQL, an in-process wake-up, a freed slot, or the poll
-interval), `concurrency` executors, a heartbeat, a rescuer, and one loop per extra service
-(anything with `run_once() -> int`, such as the effects dispatcher).
+Threads of one worker: a fetcher (on its own held connection, one transaction per round: it
+records the jobs the executors finished and claims as many jobs as there are free slots, then
+waits for a wake-up: a LISTEN notification on PostgreSQL, an in-process wake-up, a finished job,
+or the poll interval), `concurrency` executors, a heartbeat, a rescuer, and one loop per extra
+service (anything with `run_once() -> int`, such as the effects dispatcher).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Protocol
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from billhook.config import Settings
@@ -29,6 +31,7 @@ from billhook.errors import BillhookError
 from billhook.observability import get_logger
 from billhook.queue.claims import (
     claim,
+    claim_in,
     complete,
     complete_many_in,
     fail,
@@ -47,6 +50,14 @@ _log = get_logger(__name__)
 SQLITE_POLL_SECONDS = 0.05
 # Jobs whose handler can run inside a given transaction share one commit, at most this many.
 MAX_SHARED_COMMIT = 50
+# Jobs held per executor (running, queued for an executor, or waiting for their completion to
+# commit): claimed jobs wait in the queue while the previous ones run, so executors do not idle
+# through a round trip.
+PREFETCH_PER_EXECUTOR = 2
+# At most this many jobs claimed in one round.
+MAX_CLAIM = 100
+# After a failed round, wait this long before the next.
+ROUND_RETRY_SECONDS = 1.0
 
 
 class BatchHandler(Protocol):
@@ -111,11 +122,16 @@ class Worker:
         self._clock = clock
         self._rng = rng or random.Random()
         self._stopping = threading.Event()
+        self._fetcher_done = threading.Event()
         self._joined = threading.Event()
         self._wake = threading.Event()
         register_local_wakeup(self._wake)
         self._inflight: dict[int, Job] = {}
         self._finishing: set[int] = set()
+        # Finished jobs handed to the completer: in flight until their completion commits.
+        self._completing: set[int] = set()
+        self._capacity = PREFETCH_PER_EXECUTOR * config.concurrency
+        self._connection: Connection | None = None
         self._inflight_lock = threading.Lock()
         self._idle = threading.Condition(self._inflight_lock)
         self._work: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
@@ -206,12 +222,14 @@ class Worker:
             self._record_failure(job, exc)
             return
         self._mark_finishing(job)
+        if self._completer is not None:
+            # The fetcher's next round commits it; until then the job stays in flight.
+            with self._inflight_lock:
+                self._completing.add(job.id)
+            self._completer.add(job)
+            return
         try:
-            done = (
-                self._completer.complete(job)
-                if self._completer is not None
-                else complete(self.engine, job, now=self._clock())
-            )
+            done = complete(self.engine, job, now=self._clock())
             if not done:
                 _log.warning("job_lease_lost", job_id=job.id, attempt=job.attempts)
         except Exception as store_error:
@@ -255,7 +273,7 @@ class Worker:
         ]
         if self.engine.dialect.name == "postgresql":
             targets.append(("listener", self._listen_loop))
-        self._completer = GroupCompleter(self.engine, self._clock)
+        self._completer = GroupCompleter(self._wake.set)
         for name, target in targets:
             thread = threading.Thread(target=target, name=f"billhook-{name}", daemon=True)
             thread.start()
@@ -274,16 +292,23 @@ class Worker:
         with self._idle:
             while self._inflight and time.monotonic() < deadline:
                 self._idle.wait(timeout=min(0.1, max(deadline - time.monotonic(), 0)))
+        # The fetcher commits what is left to complete, then ends; the rest is released.
+        self._fetcher_done.set()
+        self._wake.set()
+        for thread in self._threads:
+            if thread.name == "billhook-fetcher":
+                thread.join(timeout=10)
+        with self._inflight_lock:
             leftovers = list(self._inflight.values())
         for _ in range(self.config.concurrency):
             self._work.put(None)
         released = release(self.engine, leftovers, now=self._clock()) if leftovers else 0
         self._joined.set()
-        if self._completer is not None:
-            self._completer.close()
         for thread in self._threads:
-            if thread.name.startswith(("billhook-executor", "billhook-listener")):
-                continue  # a handler past its grace, or a blocking LISTEN: daemon threads
+            if thread.name.startswith(
+                ("billhook-executor", "billhook-listener", "billhook-fetcher")
+            ):
+                continue  # a handler past its grace, a blocking LISTEN, already joined
             thread.join(timeout=5)
         _log.info("worker_stopped", worker_id=self.worker_id, released=released)
         return released
@@ -303,38 +328,91 @@ class Worker:
         return self.join()
 
     def _fetch_loop(self) -> None:
-        while not self._stopping.is_set():
-            # Claim up to twice the executors: a batch waits in the queue while the previous
-            # one runs, so executors do not idle through a claim round trip.
-            with self._inflight_lock:
-                free = 2 * self.config.concurrency - len(self._inflight)
-            if free <= 0:
-                self._wait_for_wake()
-                continue
-            self._wake.clear()
-            try:
-                claimed = claim(
-                    self.engine,
-                    worker_id=self.worker_id,
-                    now=self._clock(),
-                    lease_seconds=self.config.lease_seconds,
-                    limit=free,
-                )
-            except BillhookError as exc:
-                _log.warning("claim_failed", error=str(exc))
-                self._stopping.wait(timeout=max(self._poll, 1.0))
-                continue
-            if not claimed:
-                self._wait_for_wake()
-                continue
-            with self._inflight_lock:
-                for job in claimed:
-                    self._inflight[job.id] = job
-            for job in claimed:
-                self._work.put(job)
+        """Rounds until `join` ends it: each commits the finished jobs and claims for the free
+        slots in one transaction. It claims again at once while claims come back full, and
+        otherwise waits for a wake-up (a notification, a finished job) or the poll interval."""
+        assert self._completer is not None
+        wait = False
+        try:
+            while True:
+                if wait:
+                    self._wake.wait(timeout=self._poll)
+                # Cleared before reading the state: a wake-up after this line is not lost.
+                self._wake.clear()
+                done = self._completer.take()
+                with self._inflight_lock:
+                    free = self._capacity - (len(self._inflight) - len(done))
+                limit = 0 if self._stopping.is_set() else max(min(free, MAX_CLAIM), 0)
+                if not done and not limit:
+                    if self._fetcher_done.is_set():
+                        return
+                    wait = True
+                    continue
+                claimed = self._round(done, limit)
+                if claimed is None:
+                    if self._fetcher_done.is_set():
+                        return  # the store is down at shutdown: `join` releases the rest
+                    self._fetcher_done.wait(timeout=ROUND_RETRY_SECONDS)
+                    wait = False
+                    continue
+                # A short claim means nothing more is claimable now; after a round that only
+                # completed, the freed slots are looked at right away.
+                wait = limit > 0 and len(claimed) < limit
+        finally:
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
 
-    def _wait_for_wake(self) -> None:
-        self._wake.wait(timeout=self._poll)
+    def _round(self, done: list[Job], limit: int) -> list[Job] | None:
+        """One transaction: complete `done`, claim up to `limit`. None when the store failed
+        (`done` is put back for the next round)."""
+        assert self._completer is not None
+        now = self._clock()
+        try:
+            if self._connection is None:
+                self._connection = self.engine.connect()
+            connection = self._connection
+            try:
+                with connection.begin():
+                    completed = complete_many_in(connection, done, now=now)
+                    claimed = (
+                        claim_in(
+                            connection,
+                            worker_id=self.worker_id,
+                            now=now,
+                            lease_seconds=self.config.lease_seconds,
+                            limit=limit,
+                        )
+                        if limit
+                        else []
+                    )
+            except sa.exc.IntegrityError:
+                # Another worker started a job of the same key after our snapshot (the unique
+                # index on running keys refused ours): the completions alone, claim later.
+                with connection.begin():
+                    completed = complete_many_in(connection, done, now=now)
+                claimed = []
+        except sa.exc.SQLAlchemyError as exc:
+            _log.warning("claim_failed", error=str(exc).splitlines()[0] if str(exc) else "")
+            if self._connection is not None:
+                self._connection.invalidate()
+                self._connection.close()
+                self._connection = None
+            self._completer.put_back(done)
+            return None
+        with self._idle:
+            for job in done:
+                if job.id not in completed:
+                    _log.warning("job_lease_lost", job_id=job.id, attempt=job.attempts)
+                self._completing.discard(job.id)
+                self._finishing.discard(job.id)
+                self._inflight.pop(job.id, None)
+            for job in claimed:
+                self._inflight[job.id] = job
+            self._idle.notify_all()
+        for job in claimed:
+            self._work.put(job)
+        return claimed
 
     def _executor_loop(self) -> None:
         while True:
@@ -361,6 +439,8 @@ class Worker:
             finally:
                 with self._idle:
                     for done in batch:
+                        if done.id in self._completing:
+                            continue  # the fetcher's round settles it
                         self._inflight.pop(done.id, None)
                         self._finishing.discard(done.id)
                     self._idle.notify_all()
