@@ -29,14 +29,15 @@ from billhook.billing import BillingEvent, UnprocessableEvent, parse_event
 from billhook.config import Settings, load_settings
 from billhook.errors import NotFound
 from billhook.queue.jobs import Job
-from billhook.store.engine import transaction
+from billhook.store.engine import among_per_dialect, transaction
 from billhook.store.invoices import invoice_for_charge
 from billhook.store.schema import events, invoices
 
 # Built once with bind parameters (building a statement per event cost more than running it).
 _EVENT_PK = events.c.id == sa.bindparam("event_pk", type_=sa.BigInteger())
-_LOAD_EVENTS = sa.select(events.c.id, events.c.source, events.c.body).where(
-    events.c.id.in_(sa.bindparam("event_pks", expanding=True))
+_LOAD_EVENTS = tuple(
+    sa.select(events.c.id, events.c.source, events.c.body).where(among)
+    for among in among_per_dialect(events.c.id, sa.BigInteger())
 )
 _MARK = (
     events.update()
@@ -75,7 +76,9 @@ class Processor:
         wanted = [job.event_pk for job in jobs if job.event_pk is not None]
         rows = {
             row.id: (row.source, bytes(row.body))
-            for row in connection.execute(_LOAD_EVENTS, {"event_pks": wanted})
+            for row in connection.execute(
+                _LOAD_EVENTS[connection.dialect.name == "postgresql"], {"ids": wanted}
+            )
         }
         failures: dict[int, Exception] = {}
         batch: list[Arrived] = []

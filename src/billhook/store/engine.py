@@ -8,6 +8,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection, Engine
 
 from billhook.errors import StoreUnavailable
@@ -78,3 +79,15 @@ def transaction(engine: Engine) -> Iterator[Connection]:
 def _short(exc: BaseException) -> str:
     text = str(getattr(exc, "orig", exc) or exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+def among_per_dialect(
+    column: sa.ColumnElement[Any], item_type: sa.types.TypeEngine[Any]
+) -> tuple[sa.ColumnElement[bool], sa.ColumnElement[bool]]:
+    """`column` among the list bound as `ids`, as (SQLite, PostgreSQL) clauses: index a pair with
+    `dialect is postgresql`. PostgreSQL gets one array parameter, so every batch size runs the
+    same prepared statement instead of parsing and planning a new IN list each time."""
+    return (
+        column.in_(sa.bindparam("ids", expanding=True)),
+        column == sa.any_(sa.bindparam("ids", type_=postgresql.ARRAY(item_type))),
+    )

@@ -19,6 +19,7 @@ from sqlalchemy.engine import Connection
 
 from billhook.billing import Change, InvoiceState, summarize
 from billhook.errors import BillhookError
+from billhook.store.engine import among_per_dialect
 from billhook.store.schema import charge_links, events, invoice_transitions, invoices
 
 
@@ -47,13 +48,12 @@ def load_invoices(
 
     `lock` takes their row locks on PostgreSQL, in id order so that two writers locking
     overlapping sets wait for each other instead of deadlocking."""
-    query = (
-        _LOAD_MANY_FOR_UPDATE if lock and connection.dialect.name == "postgresql" else _LOAD_MANY
-    )
+    postgres = connection.dialect.name == "postgresql"
+    query = _LOAD_MANY_LOCKED if lock and postgres else _LOAD_MANY[postgres]
     found: dict[str, StoredInvoice | ValueError] = {}
     ids = sorted(invoice_ids)
     for start in range(0, len(ids), _CHUNK):
-        rows = connection.execute(query, {"invoice_ids": ids[start : start + _CHUNK]})
+        rows = connection.execute(query, {"ids": ids[start : start + _CHUNK]})
         for row in rows:
             try:
                 state = InvoiceState.from_dict(orjson.loads(row.state))
@@ -216,7 +216,10 @@ def charge_invoices(connection: Connection, charge_ids: Sequence[str]) -> dict[s
     found: dict[str, str] = {}
     ids = list(charge_ids)
     for start in range(0, len(ids), _CHUNK):
-        rows = connection.execute(_CHARGES_INVOICES, {"charge_ids": ids[start : start + _CHUNK]})
+        rows = connection.execute(
+            _CHARGES_INVOICES[connection.dialect.name == "postgresql"],
+            {"ids": ids[start : start + _CHUNK]},
+        )
         found.update({row.charge_id: row.invoice_id for row in rows})
     return found
 
@@ -248,12 +251,15 @@ def events_about(connection: Connection, invoice_id: str) -> sa.ColumnElement[bo
 # more CPU than running it (profile in bench/RESULTS.md). ON CONFLICT inserts are per dialect,
 # indexed by `dialect is postgresql`.
 _CHUNK = 500
-_LOAD_MANY = (
+
+
+_LOAD_MANY = tuple(
     sa.select(invoices.c.id, invoices.c.state, invoices.c.version, invoices.c.attention)
-    .where(invoices.c.id.in_(sa.bindparam("invoice_ids", expanding=True)))
+    .where(among)
     .order_by(invoices.c.id)
+    for among in among_per_dialect(invoices.c.id, sa.String())
 )
-_LOAD_MANY_FOR_UPDATE = _LOAD_MANY.with_for_update()
+_LOAD_MANY_LOCKED = _LOAD_MANY[True].with_for_update()
 _SUMMARY_NAMES = (
     "number",
     "status",
@@ -298,8 +304,9 @@ _LINK_CHARGE = tuple(
     .on_conflict_do_nothing(index_elements=[charge_links.c.charge_id])
     for dialect in (sqlite, postgresql)
 )
-_CHARGES_INVOICES = sa.select(charge_links.c.charge_id, charge_links.c.invoice_id).where(
-    charge_links.c.charge_id.in_(sa.bindparam("charge_ids", expanding=True))
+_CHARGES_INVOICES = tuple(
+    sa.select(charge_links.c.charge_id, charge_links.c.invoice_id).where(among)
+    for among in among_per_dialect(charge_links.c.charge_id, sa.String())
 )
 _CHARGE_INVOICE = sa.select(charge_links.c.invoice_id).where(
     charge_links.c.charge_id == sa.bindparam("charge_id", type_=sa.String())
