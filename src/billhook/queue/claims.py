@@ -25,7 +25,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from billhook.queue.jobs import Job, notify_enqueued
 from billhook.queue.retry import RetryPolicy, is_last_attempt, next_run_at
-from billhook.queue.states import CLAIMABLE, UNFINISHED, JobState
+from billhook.queue.states import CLAIMABLE, JobState
 from billhook.store.engine import transaction
 from billhook.store.schema import job_attempts, jobs, settings
 
@@ -89,14 +89,20 @@ def _claim_statement(skip_locked: bool) -> sa.Update:
 def _claimable(*, skip_locked: bool) -> sa.Select[tuple[int]]:
     job = jobs.alias("j")
     other = jobs.alias("o")
-    blocker = sa.exists().where(
+    waiter = jobs.alias("w")
+    waiting: list[sa.ColumnClause[str]] = [
+        sa.literal_column(f"'{state.value}'", sa.String()) for state in CLAIMABLE
+    ]
+    # Two tests, each answered by its own partial index: a running job of the key
+    # (`uq_jobs_running_key`), an earlier waiting job of the key (`ix_jobs_waiting_key`).
+    running = sa.exists().where(
         other.c.ordering_key == job.c.ordering_key,
-        other.c.id != job.c.id,
-        other.c.state.in_([state.value for state in UNFINISHED]),
-        sa.or_(
-            other.c.state == JobState.RUNNING.value,
-            sa.tuple_(other.c.order_ts, other.c.id) < sa.tuple_(job.c.order_ts, job.c.id),
-        ),
+        other.c.state == sa.literal_column(f"'{JobState.RUNNING.value}'"),
+    )
+    earlier = sa.exists().where(
+        waiter.c.ordering_key == job.c.ordering_key,
+        waiter.c.state.in_(waiting),
+        sa.tuple_(waiter.c.order_ts, waiter.c.id) < sa.tuple_(job.c.order_ts, job.c.id),
     )
     paused = sa.exists().where(settings.c.key == PAUSED_KEY, settings.c.value == "true")
     query = (
@@ -104,9 +110,10 @@ def _claimable(*, skip_locked: bool) -> sa.Select[tuple[int]]:
         .where(
             # Literal states, so the planner can use the partial index `ix_jobs_claimable` even
             # with a generic plan for a prepared statement.
-            job.c.state.in_([sa.literal_column(f"'{state.value}'") for state in CLAIMABLE]),
+            job.c.state.in_(waiting),
             job.c.run_at <= sa.bindparam("b_now", type_=sa.Double()),
-            ~blocker,
+            ~running,
+            ~earlier,
             ~paused,
         )
         .order_by(job.c.order_ts, job.c.id)

@@ -208,10 +208,21 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_jobs_event_pk"), ["event_pk"], unique=False)
+        batch_op.create_index(batch_op.f("ix_jobs_ordering_key"), ["ordering_key"], unique=False)
         batch_op.create_index(
-            batch_op.f("ix_jobs_ordering_key_state"), ["ordering_key", "state"], unique=False
+            "ix_jobs_waiting_key",
+            ["ordering_key", "order_ts", "id"],
+            unique=False,
+            sqlite_where=sa.text("state IN ('available', 'retryable')"),
+            postgresql_where=sa.text("state IN ('available', 'retryable')"),
         )
-        batch_op.create_index(batch_op.f("ix_jobs_state_run_at"), ["state", "run_at"], unique=False)
+        batch_op.create_index(
+            "ix_jobs_dead",
+            ["id"],
+            unique=False,
+            sqlite_where=sa.text("state = 'dead'"),
+            postgresql_where=sa.text("state = 'dead'"),
+        )
         batch_op.create_index(
             "ix_jobs_claimable",
             ["order_ts", "id"],
@@ -302,13 +313,22 @@ def downgrade() -> None:
             sqlite_where=sa.text("state = 'running'"),
             postgresql_where=sa.text("state = 'running'"),
         )
-        batch_op.drop_index(batch_op.f("ix_jobs_state_run_at"))
+        batch_op.drop_index(
+            "ix_jobs_dead",
+            sqlite_where=sa.text("state = 'dead'"),
+            postgresql_where=sa.text("state = 'dead'"),
+        )
         batch_op.drop_index(
             "ix_jobs_claimable",
             sqlite_where=sa.text("state IN ('available', 'retryable')"),
             postgresql_where=sa.text("state IN ('available', 'retryable')"),
         )
-        batch_op.drop_index(batch_op.f("ix_jobs_ordering_key_state"))
+        batch_op.drop_index(
+            "ix_jobs_waiting_key",
+            sqlite_where=sa.text("state IN ('available', 'retryable')"),
+            postgresql_where=sa.text("state IN ('available', 'retryable')"),
+        )
+        batch_op.drop_index(batch_op.f("ix_jobs_ordering_key"))
         batch_op.drop_index(batch_op.f("ix_jobs_event_pk"))
 
     op.drop_table("jobs")
