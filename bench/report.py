@@ -25,7 +25,8 @@ TARGETS = {
     "pipeline_eps_sqlite": "pipeline events/s, SQLite (>= 2,000)",
     "queue_jps_postgres": "queue jobs/s, PostgreSQL (>= 1.5 x pgqueuer_jps_postgres)",
     "replay_eps": "replay events/s (>= 5,000)",
-    "rss_growth_pct": "worker RSS change between the two checkpoints (within +-10%)",
+    "rss_growth_pct": "worker RSS change, checkpoints (full: 100k -> 1M events; +-10%)",
+    "dispatcher_rss_growth_pct": "dispatcher RSS change between its two checkpoints (within +-10%)",
 }
 
 
