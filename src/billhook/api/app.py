@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from sqlalchemy.engine import Engine
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute, Mount
+from starlette.types import Receive, Scope, Send
 
 from billhook.api import health, metrics, webhooks
 from billhook.api.admin import PREFIX as ADMIN_PREFIX
@@ -62,7 +63,7 @@ def create_app(
             if owns_engine:
                 store.dispose()
 
-    app = Starlette(
+    app = _App(
         routes=[*assemble_routes(settings, store), *extra_routes],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
@@ -71,7 +72,23 @@ def create_app(
     app.state.engine = store
     app.state.writer = writer
     app.state.on_enqueued = on_enqueued
+    app.webhook_handlers = webhooks.handlers(app.state)
     return app
+
+
+class _App(Starlette):
+    """Starlette, with `POST /webhooks/*` answered by raw ASGI handlers before its middleware and
+    router: on the hot path those cost more per delivery than verifying and parsing it."""
+
+    webhook_handlers: dict[str, webhooks.Handler] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            handler = self.webhook_handlers.get(scope["path"])
+            if handler is not None:
+                await handler(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
 
 
 def with_secrets(settings: Settings) -> Settings:
