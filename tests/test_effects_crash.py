@@ -17,6 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 from aiosmtpd.controller import Controller
 from prometheus_client import REGISTRY
+from sqlalchemy.engine import Engine
 
 from billhook.config import Settings
 from billhook.effects import EffectDispatcher, effect_timeline, enqueue_effects, list_dead_effects
@@ -32,10 +33,11 @@ import sys
 from billhook.config import Settings
 from billhook.effects import EffectDispatcher
 from billhook.store.engine import create_engine
-url, smtp_url, lease = sys.argv[1], sys.argv[2], float(sys.argv[3])
+url, smtp_url, lease, batch = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
 settings = Settings(database_url=url, smtp_url=smtp_url, lease_seconds=lease)
-EffectDispatcher(create_engine(settings.database_url), settings).run_once()
-print("recorded", flush=True)
+dispatcher = EffectDispatcher(create_engine(settings.database_url), settings, batch_size=batch)
+while dispatcher.run_once():
+    print("recorded", flush=True)
 """
 
 
@@ -71,9 +73,10 @@ class KillOnFirstData:
 
 
 def kill_dispatcher_mid_send(
-    database_url: str, settings: Settings, handler: KillOnFirstData
+    database_url: str, settings: Settings, handler: KillOnFirstData, batch_size: int = 200
 ) -> subprocess.Popen[bytes]:
-    """Run a dispatcher in its own process; the SMTP handler SIGKILLs it during DATA."""
+    """Run a dispatcher (batch after batch) in its own process; the SMTP handler SIGKILLs it
+    during DATA."""
     victim = subprocess.Popen(
         [
             sys.executable,
@@ -82,6 +85,7 @@ def kill_dispatcher_mid_send(
             database_url,
             settings.smtp_url,
             str(LEASE_SECONDS),
+            str(batch_size),
         ],
         stdout=subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -213,13 +217,13 @@ def receipt(invoice_id: str) -> Any:
     return Receipt()
 
 
-def test_only_the_message_in_doubt_is_resent_when_a_batch_is_cut_short(
-    sqlite_url: str, tmp_path: Path
-) -> None:
-    """Killed while handing over the 2nd of 3: the 1st is recorded, the 2nd is resent (counted),
-    the 3rd was never handed over, so it is sent once and not counted as a resend."""
+def _three_receipts_and_a_kill(
+    sqlite_url: str, tmp_path: Path, *, kill_on: int, batch_size: int
+) -> tuple[Engine, list[str]]:
+    """Three receipts; the dispatcher is SIGKILLed during the `kill_on`-th DATA, then another
+    dispatcher runs once the lease is over. Returns the keys in the order the server got them."""
     engine = create_engine(sqlite_url)
-    handler = KillOnFirstData(kill_on=2)
+    handler = KillOnFirstData(kill_on=kill_on)
     port = free_port()
     controller = Controller(handler, hostname="127.0.0.1", port=port)
     controller.start()
@@ -240,29 +244,65 @@ def test_only_the_message_in_doubt_is_resent_when_a_batch_is_cut_short(
                     now=time.time(),
                     settings=settings,
                 )
-        victim = kill_dispatcher_mid_send(sqlite_url, settings, handler)
+        victim = kill_dispatcher_mid_send(sqlite_url, settings, handler, batch_size)
         assert victim.stdout is not None
         victim.stdout.close()
         later = EffectDispatcher(engine, settings, clock=lambda: time.time() + LEASE_SECONDS + 1)
-        assert later.run_once() == 2
+        while later.run_once():
+            pass
         later.close()
     finally:
         controller.stop()
-    received = [m["X-Billhook-Idempotency-Key"] for m in handler.messages]
-    assert sorted(received) == sorted(
-        [
-            "payment_receipt:in_a",
-            "payment_receipt:in_b",
-            "payment_receipt:in_b",
-            "payment_receipt:in_c",
-        ]
-    )
+    return engine, [str(m["X-Billhook-Idempotency-Key"]) for m in handler.messages]
+
+
+def _resends_and_outcomes(engine: Engine) -> tuple[dict[str, int], dict[str, list[str]]]:
     with engine.connect() as connection:
         rows = dict(connection.execute(sa.select(effects.c.invoice_id, effects.c.resends)).all())
-    assert rows == {"in_a": 0, "in_b": 1, "in_c": 0}
     outcomes = {
         invoice_id: [a.outcome for a in effect_timeline(engine, invoice_id)[0].history]
         for invoice_id in rows
     }
-    assert outcomes == {"in_a": ["sent"], "in_b": ["sending", "resent"], "in_c": ["sent"]}
+    return rows, outcomes
+
+
+def test_every_unrecorded_message_of_a_cut_batch_is_resent_under_its_key(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """Killed while handing over the 2nd of a batch of 3: no outcome of the batch was recorded
+    (they are committed together at its end), so all three are in doubt. The 1st and 2nd reach
+    the server twice, the 3rd (never handed over before the kill) once; each is counted as a
+    resend, and every copy carries its own key."""
+    engine, received = _three_receipts_and_a_kill(sqlite_url, tmp_path, kill_on=2, batch_size=3)
+    assert received == [
+        "payment_receipt:in_a",
+        "payment_receipt:in_b",
+        "payment_receipt:in_a",
+        "payment_receipt:in_b",
+        "payment_receipt:in_c",
+    ]
+    rows, outcomes = _resends_and_outcomes(engine)
+    assert rows == {"in_a": 1, "in_b": 1, "in_c": 1}
+    assert outcomes == {
+        "in_a": ["sending", "resent"],
+        "in_b": ["sending", "resent"],
+        "in_c": ["sending", "resent"],
+    }
+    assert list_dead_effects(engine) == []
+    engine.dispose()
+
+
+def test_only_the_batch_cut_short_is_in_doubt(sqlite_url: str, tmp_path: Path) -> None:
+    """Batches of 2, killed during the 1st message of the 2nd batch: the 1st batch was recorded
+    `sent` and is not sent again; only the row of the cut batch is resent (and counted)."""
+    engine, received = _three_receipts_and_a_kill(sqlite_url, tmp_path, kill_on=3, batch_size=2)
+    assert received == [
+        "payment_receipt:in_a",
+        "payment_receipt:in_b",
+        "payment_receipt:in_c",
+        "payment_receipt:in_c",
+    ]
+    rows, outcomes = _resends_and_outcomes(engine)
+    assert rows == {"in_a": 0, "in_b": 0, "in_c": 1}
+    assert outcomes == {"in_a": ["sent"], "in_b": ["sent"], "in_c": ["sending", "resent"]}
     engine.dispose()

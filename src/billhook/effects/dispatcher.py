@@ -1,17 +1,25 @@
-"""`EffectDispatcher`: claim due outbox rows, hand each over (SMTP / Maildir / webhook), record it.
+"""`EffectDispatcher`: claim due outbox rows, hand them over (SMTP, Maildir, webhook), record them.
 
 Lifecycle of a row: pending -> sending -> sent, or -> retryable (backoff) -> ... -> dead.
-The crash window is closed by ordering, not hope:
+The crash window is closed by ordering, not hope. Per batch, three commits:
 
-1. claim: the row becomes `sending` with a lease (one commit per batch);
-2. before each hand-over an `effect_attempts` row `sending` is committed (renewing the lease);
-3. hand over; 4. the row becomes `sent` and the attempt `sent`, committed together with step 2
-   of the next message in the batch (one commit per message, ordering unchanged).
+1. claim: each row of the batch becomes `sending` with a lease, and gets an `effect_attempts`
+   row `sending`, in one commit: every attempt of the batch is committed before any hand-over;
+2. render and hand over every message of the batch, one after the other (one SMTP connection);
+3. record every outcome of the batch (rows `sent` / `retryable` / `dead`, attempts closed) in
+   one commit.
 
-A dispatcher that dies between 3 and 4 leaves a `sending` row with an open attempt. Once the lease
-runs out, the next claim finds that open attempt, knows the message may already be delivered,
-closes it, bumps `resends` and sends again under the same Message-ID / Idempotency-Key (the
-successful attempt is recorded `resent`). A row reclaimed without an open attempt was never handed
+A batch that takes longer than half the lease (a slow server) records what it has done so far and
+renews the lease of the rest, in one commit, before the next hand-over, so a live dispatcher never
+loses a row to another.
+
+A dispatcher that dies between 1 and 3 leaves its whole batch `sending`, each row with an open
+attempt. Once the lease runs out, the next claim finds those open attempts, knows each message may
+already be delivered, closes them, bumps `resends` and sends again under the same Message-ID /
+Idempotency-Key (the successful attempt is recorded `resent`). So a crash resends, under the same
+key, every message of the batch it interrupted whose outcome was not recorded: those handed over
+before the crash (delivered twice) and those after it (delivered once, but counted as resent, since
+nothing says they were not handed over). A row reclaimed without an open attempt was never handed
 over, so it is a plain retry. Without a crash, each row is handed over exactly once.
 """
 
@@ -22,7 +30,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from email.message import Message
 from typing import Any
 
 import orjson
@@ -32,7 +39,7 @@ from sqlalchemy.engine import Connection, Engine
 from billhook.config import Settings
 from billhook.effects.mailer import Mailer, mailer_from_settings
 from billhook.effects.metrics import EFFECTS_DEAD, EFFECTS_FAILED, EFFECTS_RESENT, EFFECTS_SENT
-from billhook.effects.render import EffectUnsendable, render_email
+from billhook.effects.render import EffectUnsendable, OutgoingEmail, render_email
 from billhook.effects.webhook import WebhookSender, webhook_sender_from_settings
 from billhook.errors import StoreUnavailable
 from billhook.observability import get_logger
@@ -42,7 +49,7 @@ from billhook.store.engine import transaction
 from billhook.store.schema import effect_attempts, effects, invoices
 from billhook.store.schema import settings as switches
 
-DEFAULT_BATCH_SIZE = 20
+DEFAULT_BATCH_SIZE = 200
 _IN_DOUBT_ERROR = (
     "lease expired after the message was handed over (dispatcher stopped?); "
     "delivery unknown, sent again under the same key"
@@ -68,6 +75,8 @@ class _Claimed:
     recipient: str | None = None
     # Attempts recorded for this row before this claim (numbering continues from here).
     recorded_attempts: int = 0
+    # The `sending` attempt opened with the claim.
+    attempt_id: int | None = None
 
 
 class EffectDispatcher:
@@ -152,6 +161,7 @@ class EffectDispatcher:
             ]
             claimed = self._with_recipients(connection, rescued + fresh)
             claimed = _with_attempt_counts(connection, claimed)
+            claimed = self._open_attempts(connection, claimed, now)
         for effect in claimed:
             if effect.id in in_doubt:
                 EFFECTS_RESENT.labels(effect.channel, effect.kind).inc()
@@ -284,34 +294,54 @@ class EffectDispatcher:
             for e in claimed
         ]
 
+    def _open_attempts(
+        self, connection: Connection, claimed: list[_Claimed], now: float
+    ) -> list[_Claimed]:
+        """Step 1 of the ordering: a `sending` attempt per claimed row, in the claim's commit."""
+        if not claimed:
+            return claimed
+        # Numbered over the effect's whole history (counted at claim: while the lease is ours no
+        # one else adds attempts, and one claim opens one), so a redrive keeps counting up.
+        rows = connection.execute(
+            _OPEN_ATTEMPT,
+            [
+                {"effect_id": e.id, "attempt": e.recorded_attempts + 1, "started_at": now}
+                for e in claimed
+            ],
+        ).all()
+        return [replace(e, attempt_id=row.id) for e, row in zip(claimed, rows, strict=True)]
+
     # -- deliver -----------------------------------------------------------------------------
 
     def _deliver(self, claimed: list[_Claimed]) -> None:
-        # Each outcome is committed together with the next effect's `sending` attempt: one commit
-        # per message, and still every hand-over is preceded by its own committed attempt.
+        # Every attempt of the batch was committed with the claim; the outcomes are committed
+        # together at the end (or at a checkpoint when the batch is slow).
         done: list[_Outcome] = []
-        for effect in claimed:
+        lost: set[int] = set()
+        renew_at = self._clock() + self._lease / 2
+        for index, effect in enumerate(claimed):
+            if effect.id in lost:
+                continue
             try:
                 message = self._prepare(effect)
             except EffectUnsendable as exc:
-                done.append(_Outcome(effect, None, str(exc), permanent=True))
+                done.append(_Outcome(effect, str(exc), permanent=True))
                 continue
-            attempt_id = self._record(done, opening=effect)
-            done = []
-            if attempt_id is None:
-                _log.warning("effect lease lost before hand-over; skipped", effect_id=effect.id)
-                continue
+            if self._clock() >= renew_at:
+                lost |= self._checkpoint(done, [e for e in claimed[index:] if e.id not in lost])
+                done = []
+                renew_at = self._clock() + self._lease / 2
+                if effect.id in lost:
+                    continue
             try:
                 self._hand_over(effect, message)
             except Exception as exc:
-                error = f"{type(exc).__name__}: {exc}"
-                done.append(_Outcome(effect, attempt_id, error, permanent=False))
+                done.append(_Outcome(effect, f"{type(exc).__name__}: {exc}", permanent=False))
                 continue
-            done.append(_Outcome(effect, attempt_id, None, permanent=False))
-        if done:
-            self._record(done, opening=None)
+            done.append(_Outcome(effect, None, permanent=False))
+        self._record(done)
 
-    def _prepare(self, effect: _Claimed) -> Message | None:
+    def _prepare(self, effect: _Claimed) -> OutgoingEmail | None:
         if effect.channel == "webhook":
             if self._webhook is None:
                 raise EffectUnsendable(
@@ -328,7 +358,7 @@ class EffectDispatcher:
             settings=self._settings,
         )
 
-    def _hand_over(self, effect: _Claimed, message: Message | None) -> None:
+    def _hand_over(self, effect: _Claimed, message: OutgoingEmail | None) -> None:
         if message is not None:
             self._mailer.send(
                 message, sender=self._settings.mail_from, recipient=effect.recipient or ""
@@ -344,53 +374,70 @@ class EffectDispatcher:
 
     # -- record ------------------------------------------------------------------------------
 
-    def _record(self, done: list[_Outcome], *, opening: _Claimed | None) -> int | None:
-        """Commit the outcomes in `done` and, if given, open a `sending` attempt for `opening`.
+    def _checkpoint(self, done: list[_Outcome], rest: list[_Claimed]) -> set[int]:
+        """A slow batch: commit the outcomes so far and renew the lease of the rest, together.
 
-        Returns the opened attempt's id, or None when `opening` is no longer ours.
+        Returns the rows of `rest` whose lease was already lost (reclaimed by another dispatcher
+        after it ran out): this one must not hand them over.
         """
-        if not done and opening is None:
-            return None
         now = self._clock()
-        attempt_id: int | None = None
         with transaction(self._engine) as connection:
-            applied = [self._apply(connection, outcome, now) for outcome in done]
-            if opening is not None:
-                renewed = connection.execute(
-                    _RENEW, {**_ours(opening), "lease": now + self._lease}
-                ).rowcount
-                if renewed:
-                    attempt_id = _insert_attempt(
-                        connection, opening, now, "sending", None, finished=False
-                    )
-        for outcome, ours in zip(done, applied, strict=True):
-            self._observe(outcome, lost=not ours)
-        return attempt_id
+            applied = self._apply(connection, done, now)
+            renewed = {
+                row.id
+                for row in connection.execute(
+                    _RENEW, {"ours": [_ours(e) for e in rest], "lease": now + self._lease}
+                )
+            }
+        self._observe(done, applied)
+        lost = {e.id for e in rest} - renewed
+        for effect_id in sorted(lost):
+            _log.warning("effect lease lost before hand-over; skipped", effect_id=effect_id)
+        return lost
 
-    def _apply(self, connection: Connection, outcome: _Outcome, now: float) -> bool:
-        """Write one outcome; False if the row was no longer ours (its attempt is still closed)."""
-        effect = outcome.effect
-        if outcome.error is None:
-            assert outcome.attempt_id is not None
-            connection.execute(
-                _CLOSE_ATTEMPT,
+    def _record(self, done: list[_Outcome]) -> None:
+        """Step 3 of the ordering: every outcome of the batch in one commit."""
+        if not done:
+            return
+        now = self._clock()
+        with transaction(self._engine) as connection:
+            applied = self._apply(connection, done, now)
+        self._observe(done, applied)
+
+    def _apply(self, connection: Connection, done: list[_Outcome], now: float) -> set[int]:
+        """Write the outcomes; returns the ids of the rows that were still ours.
+
+        Attempts are closed either way: a row no longer ours keeps an honest history.
+        """
+        if not done:
+            return set()
+        connection.execute(
+            _CLOSE_ATTEMPT,
+            [
                 {
-                    "attempt_id": outcome.attempt_id,
-                    "outcome": "resent" if effect.resends else "sent",
+                    "attempt_id": o.effect.attempt_id,
+                    "outcome": ("resent" if o.effect.resends else "sent")
+                    if o.error is None
+                    else "failed",
                     "now": now,
-                    "error": None,
-                },
+                    "error": o.error,
+                }
+                for o in done
+            ],
+        )
+        sent = [_ours(o.effect) for o in done if o.error is None]
+        applied: set[int] = set()
+        if sent:
+            applied.update(
+                row.id for row in connection.execute(_MARK_SENT, {"ours": sent, "now": now})
             )
-            updated = connection.execute(_MARK_SENT, {**_ours(effect), "now": now}).rowcount
-            return bool(updated)
-        if outcome.attempt_id is None:
-            _insert_attempt(connection, effect, now, "failed", outcome.error, finished=True)
-        else:
-            connection.execute(
-                _CLOSE_ATTEMPT,
-                {"attempt_id": outcome.attempt_id, "outcome": "failed", "now": now,
-                 "error": outcome.error},
-            )
+        for outcome in done:
+            if outcome.error is not None and self._apply_failure(connection, outcome, now):
+                applied.add(outcome.effect.id)
+        return applied
+
+    def _apply_failure(self, connection: Connection, outcome: _Outcome, now: float) -> bool:
+        effect = outcome.effect
         values: dict[str, Any] = {"lease_expires_at": None, "last_error": outcome.error}
         if outcome.dead:
             values["state"] = "dead"
@@ -405,34 +452,36 @@ class EffectDispatcher:
             )
         updated = connection.execute(
             sa.update(effects).where(_THIS, _OURS).values(**values),
-            _ours(effect),
+            {"effect_id": effect.id, "claimed_attempts": effect.attempts},
         ).rowcount
         return bool(updated)
 
-    def _observe(self, outcome: _Outcome, *, lost: bool) -> None:
-        effect = outcome.effect
-        labels = (effect.channel, effect.kind)
-        if lost:
-            _log.warning("effect outcome recorded after its lease was lost", effect_id=effect.id)
-        if outcome.error is None:
-            EFFECTS_SENT.labels(*labels).inc()
-            return
-        EFFECTS_FAILED.labels(*labels).inc()
-        if outcome.dead:
-            EFFECTS_DEAD.labels(*labels).inc()
-        _log.warning(
-            "effect dead" if outcome.dead else "effect failed; will retry",
-            effect_id=effect.id,
-            key=effect.idempotency_key,
-            attempts=effect.attempts,
-            error=outcome.error,
-        )
+    def _observe(self, done: list[_Outcome], applied: set[int]) -> None:
+        for outcome in done:
+            effect = outcome.effect
+            labels = (effect.channel, effect.kind)
+            if effect.id not in applied:
+                _log.warning(
+                    "effect outcome recorded after its lease was lost", effect_id=effect.id
+                )
+            if outcome.error is None:
+                EFFECTS_SENT.labels(*labels).inc()
+                continue
+            EFFECTS_FAILED.labels(*labels).inc()
+            if outcome.dead:
+                EFFECTS_DEAD.labels(*labels).inc()
+            _log.warning(
+                "effect dead" if outcome.dead else "effect failed; will retry",
+                effect_id=effect.id,
+                key=effect.idempotency_key,
+                attempts=effect.attempts,
+                error=outcome.error,
+            )
 
 
 @dataclass(frozen=True)
 class _Outcome:
     effect: _Claimed
-    attempt_id: int | None
     # None: handed over. Otherwise why it was not.
     error: str | None
     permanent: bool
@@ -442,32 +491,6 @@ class _Outcome:
         return self.error is not None and (
             self.permanent or self.effect.attempts >= self.effect.max_attempts
         )
-
-
-def _insert_attempt(
-    connection: Connection,
-    effect: _Claimed,
-    now: float,
-    outcome: str,
-    error: str | None,
-    *,
-    finished: bool,
-) -> int:
-    # Numbered over the effect's whole history (counted at claim: while the lease is ours no
-    # one else adds attempts, and one claim opens at most one), so a redrive keeps counting up.
-    return int(
-        connection.execute(
-            _INSERT_ATTEMPT,
-            {
-                "effect_id": effect.id,
-                "attempt": effect.recorded_attempts + 1,
-                "started_at": now,
-                "finished_at": now if finished else None,
-                "outcome": outcome,
-                "error": error,
-            },
-        ).scalar_one()
-    )
 
 
 def _with_attempt_counts(connection: Connection, claimed: list[_Claimed]) -> list[_Claimed]:
@@ -485,32 +508,39 @@ def _with_attempt_counts(connection: Connection, claimed: list[_Claimed]) -> lis
     return [replace(e, recorded_attempts=int(counts.get(e.id, 0))) for e in claimed]
 
 
-def _ours(effect: _Claimed) -> dict[str, Any]:
-    return {"effect_id": effect.id, "claimed_attempts": effect.attempts}
+def _ours(effect: _Claimed) -> tuple[int, int]:
+    return (effect.id, effect.attempts)
 
 
-# Statements of the per-message commits, built once: building them costs more CPU than running
-# them. A dispatcher that reclaimed the row after our lease ran out has bumped `attempts`, so
-# `_OURS` (id, still sending, same attempts) is what says the row is still ours.
+# Statements of the hot path, built once: building them costs more CPU than running them. A
+# dispatcher that reclaimed the row after our lease ran out has bumped `attempts`, so (id, still
+# sending, same attempts) is what says the row is still ours; a batch checks its rows in one
+# statement with a row-value IN over (id, attempts).
 _OURS = sa.and_(
     effects.c.state == "sending",
     effects.c.attempts == sa.bindparam("claimed_attempts", type_=sa.Integer()),
 )
 _THIS = effects.c.id == sa.bindparam("effect_id", type_=sa.BigInteger())
+_ALL_OURS = sa.and_(
+    effects.c.state == "sending",
+    sa.tuple_(effects.c.id, effects.c.attempts).in_(sa.bindparam("ours", expanding=True)),
+)
 _RENEW = (
     sa.update(effects)
-    .where(_THIS, _OURS)
+    .where(_ALL_OURS)
     .values(lease_expires_at=sa.bindparam("lease", type_=sa.Double()))
+    .returning(effects.c.id)
 )
 _MARK_SENT = (
     sa.update(effects)
-    .where(_THIS, _OURS)
+    .where(_ALL_OURS)
     .values(
         state="sent",
         sent_at=sa.bindparam("now", type_=sa.Double()),
         lease_expires_at=None,
         last_error=None,
     )
+    .returning(effects.c.id)
 )
 _CLOSE_ATTEMPT = (
     sa.update(effect_attempts)
@@ -521,15 +551,14 @@ _CLOSE_ATTEMPT = (
         error=sa.bindparam("error", type_=sa.Text()),
     )
 )
-_INSERT_ATTEMPT = (
+# Executed with one parameter set per row (insertmanyvalues); the ids come back in that order.
+_OPEN_ATTEMPT = (
     sa.insert(effect_attempts)
     .values(
         effect_id=sa.bindparam("effect_id", type_=sa.BigInteger()),
         attempt=sa.bindparam("attempt", type_=sa.Integer()),
         started_at=sa.bindparam("started_at", type_=sa.Double()),
-        finished_at=sa.bindparam("finished_at", type_=sa.Double()),
-        outcome=sa.bindparam("outcome", type_=sa.String()),
-        error=sa.bindparam("error", type_=sa.Text()),
+        outcome="sending",
     )
-    .returning(effect_attempts.c.id)
+    .returning(effect_attempts.c.id, sort_by_parameter_order=True)
 )
