@@ -154,7 +154,7 @@ def test_standard_webhooks_delivery_and_redelivery(server: str, database_url: st
         job = connection.execute(sa.select(jobs)).one()
     engine.dispose()
     assert (row.source, row.event_id, row.ordering_key) == ("standard", "msg_1", "in_std_1")
-    assert row.delivery_count == 2
+    assert counts(database_url) == (1, 2, 1)
     assert row.occurred_at == job.order_ts == datetime(2024, 5, 1, 12, tzinfo=UTC).timestamp()
 
 
@@ -185,10 +185,6 @@ def test_fifty_concurrent_deliveries_of_one_event(server: str, database_url: str
     statuses = [r.json()["status"] for r in responses]
     assert statuses.count("accepted") == 1 and statuses.count("duplicate") == 49
     assert counts(database_url) == (1, 50, 1)
-    engine = create_engine(database_url, poolclass=sa.pool.NullPool)
-    with engine.connect() as connection:
-        assert connection.execute(sa.select(events.c.delivery_count)).scalar_one() == 50
-    engine.dispose()
 
 
 def test_on_enqueued_hook_fires_after_commit(sqlite_url: str, tmp_path: Path) -> None:

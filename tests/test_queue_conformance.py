@@ -216,7 +216,7 @@ def _event(engine: Engine, event_type: str) -> int:
     with transaction(engine) as connection:
         return int(connection.execute(events.insert().values(
             source="stripe", event_id=f"evt_{event_type}", type=event_type, ordering_key="in_1",
-            received_at=T0, last_seen_at=T0, headers="{}", body=b"{}",
+            received_at=T0, headers="{}", body=b"{}",
         ).returning(events.c.id)).scalar_one())
 
 

@@ -194,7 +194,7 @@ def test_poison_dies_after_max_attempts_and_redrive_runs_it_again(
     with transaction(engine) as connection:
         event_pk = connection.execute(events.insert().values(
             source="stripe", event_id="evt_poison", type="invoice.paid", ordering_key="in_1",
-            received_at=time.time(), last_seen_at=time.time(), headers="{}", body=b"{}",
+            received_at=time.time(), headers="{}", body=b"{}",
         ).returning(events.c.id)).scalar_one()
         job_id = enqueue(connection, ordering_key="in_1", order_ts=1.0, now=time.time(),
                          max_attempts=4, event_pk=event_pk)

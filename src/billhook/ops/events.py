@@ -59,8 +59,15 @@ _SUMMARY = (
     events.c.ordering_key,
     events.c.occurred_at,
     events.c.received_at,
-    events.c.last_seen_at,
-    events.c.delivery_count,
+    # Derived from the deliveries (indexed by event_pk): ingest never rewrites an event row.
+    sa.select(sa.func.max(deliveries.c.received_at))
+    .where(deliveries.c.event_pk == events.c.id)
+    .scalar_subquery()
+    .label("last_seen_at"),
+    sa.select(sa.func.count())
+    .where(deliveries.c.event_pk == events.c.id)
+    .scalar_subquery()
+    .label("delivery_count"),
     events.c.outcome,
     events.c.processed_at,
 )
@@ -189,7 +196,8 @@ def _summary(row: sa.RowMapping) -> EventSummary:
         ordering_key=row["ordering_key"],
         occurred_at=None if row["occurred_at"] is None else float(row["occurred_at"]),
         received_at=float(row["received_at"]),
-        last_seen_at=float(row["last_seen_at"]),
+        # An event stored without a delivery row (written by hand) was last seen at arrival.
+        last_seen_at=float(row["last_seen_at"] or row["received_at"]),
         delivery_count=int(row["delivery_count"]),
         outcome=row["outcome"] or PENDING,
         processed_at=None if row["processed_at"] is None else float(row["processed_at"]),

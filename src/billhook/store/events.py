@@ -1,18 +1,21 @@
 """The ingest write: an event, its delivery and its processing job in one transaction.
 
-A second delivery of the same (source, event id) records a `duplicate` delivery, bumps the
-event's delivery count and last-seen time, and enqueues nothing. `INSERT ... ON CONFLICT DO
-NOTHING RETURNING` makes this hold between concurrent writers on both databases: the loser of
-a race waits for the winner's commit, inserts nothing and takes the duplicate path.
+A second delivery of the same (source, event id) records a `duplicate` delivery row and
+enqueues nothing; the event row is never rewritten (its delivery count and last-seen time are
+read from `deliveries`). `INSERT ... ON CONFLICT DO NOTHING RETURNING` makes this hold between
+concurrent writers on both databases: the loser of a race waits for the winner's commit,
+inserts nothing and takes the duplicate path.
 
 The batch goes through the raw DBAPI cursor in a fixed number of statements whatever its size
-and mix (events insert, one `UPDATE ... RETURNING` for every already-stored event, jobs insert,
+and mix (events insert, one `SELECT` of the ids of every already-stored event, jobs insert,
 deliveries insert): SQLAlchemy's per-row parameter processing cost more than the commit. A
-duplicate therefore costs what a new event costs: one row in one of two batched statements.
+duplicate therefore costs no more than a new event: a read by the unique index and a small
+delivery row, where a new event writes its large row, its indexes and its job.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -72,77 +75,82 @@ def record_batch(
     """
     if not arrivals:
         return []
-    # Per distinct event: its first arrival, how many deliveries and the latest of them.
+    # Per distinct event: its first arrival in the batch.
     first: dict[_Key, int] = {}
-    count: dict[_Key, int] = {}
-    latest: dict[_Key, float] = {}
     for index, arrival in enumerate(arrivals):
-        key = (arrival.event.source, arrival.event.event_id)
-        if key in first:
-            count[key] += 1
-            latest[key] = max(latest[key], arrival.received_at)
-        else:
-            first[key] = index
-            count[key] = 1
-            latest[key] = arrival.received_at
-    # One lock order for every writer (several server processes on PostgreSQL).
-    keys = sorted(first)
-    sql = _POSTGRES if connection.dialect.name == "postgresql" else _SQLITE
-    cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        first.setdefault((arrival.event.source, arrival.event.event_id), index)
+    postgres = connection.dialect.name == "postgresql"
+    sql = _POSTGRES if postgres else _SQLITE
+    dbapi: Any = connection.connection.dbapi_connection
+    cursor = dbapi.cursor()
+    # PostgreSQL: the statements go out in one pipeline (psycopg 3), so the batch waits for the
+    # server twice (the events insert whose ids the rest needs, then the rest) rather than once
+    # per statement, BEGIN included.
     try:
-        inserted = sql.insert_events(
-            cursor, [(arrivals[first[k]], count[k], latest[k]) for k in keys]
-        )
-        existing = [k for k in keys if k not in inserted]
-        updated = sql.count_duplicates(cursor, [(k, count[k], latest[k]) for k in existing])
-        missing = [k for k in existing if k not in updated]
-        if missing:
-            # Only possible if the conflicting row vanished between the two statements.
-            raise StoreUnavailable(
-                "the event changed while it was being stored: retry the delivery"
-            )
-        results: list[Recorded] = []
-        new_jobs: list[tuple[Any, ...]] = []
-        for index, arrival in enumerate(arrivals):
-            event = arrival.event
-            key = (event.source, event.event_id)
-            event_pk = inserted.get(key)
-            if event_pk is not None and first[key] == index:
-                results.append(Recorded("accepted", event_pk))
-                occurred_at = event.occurred_at
-                new_jobs.append(
-                    (
-                        event_pk,
-                        event.ordering_key,
-                        occurred_at if occurred_at is not None else arrival.received_at,
-                        max_attempts,
-                        now,
-                    )
-                )
-            else:
-                results.append(Recorded("duplicate", event_pk or updated[key]))
-        if new_jobs:
-            sql.insert_jobs(cursor, new_jobs)
-        sql.insert_deliveries(
-            cursor,
-            [(r.event_pk, a.received_at, r.status) for a, r in zip(arrivals, results, strict=True)],
-        )
+        with dbapi.pipeline() if postgres else contextlib.nullcontext():
+            return _write(sql, cursor, arrivals, first, max_attempts=max_attempts, now=now)
     finally:
         cursor.close()
+
+
+def _write(
+    sql: _Sqlite | _Postgres,
+    cursor: Any,
+    arrivals: Sequence[Arrival],
+    first: dict[_Key, int],
+    *,
+    max_attempts: int,
+    now: float,
+) -> list[Recorded]:
+    """The statements of `record_batch`: events, already-stored ids, jobs, deliveries."""
+    # One lock order for every writer (several server processes on PostgreSQL).
+    keys = sorted(first)
+    inserted = sql.insert_events(cursor, [arrivals[first[k]] for k in keys])
+    existing = [k for k in keys if k not in inserted]
+    stored = sql.find_events(cursor, existing) if existing else {}
+    missing = [k for k in existing if k not in stored]
+    if missing:
+        # Only possible if the conflicting row vanished between the two statements.
+        raise StoreUnavailable(
+            "the event changed while it was being stored: retry the delivery"
+        )
+    results: list[Recorded] = []
+    new_jobs: list[tuple[Any, ...]] = []
+    for index, arrival in enumerate(arrivals):
+        event = arrival.event
+        key = (event.source, event.event_id)
+        event_pk = inserted.get(key)
+        if event_pk is not None and first[key] == index:
+            results.append(Recorded("accepted", event_pk))
+            occurred_at = event.occurred_at
+            new_jobs.append(
+                (
+                    event_pk,
+                    event.ordering_key,
+                    occurred_at if occurred_at is not None else arrival.received_at,
+                    max_attempts,
+                    now,
+                )
+            )
+        else:
+            results.append(Recorded("duplicate", event_pk or stored[key]))
+    if new_jobs:
+        sql.insert_jobs(cursor, new_jobs)
+    sql.insert_deliveries(
+        cursor,
+        [(r.event_pk, a.received_at, r.status) for a, r in zip(arrivals, results, strict=True)],
+    )
     return results
 
 
-_EVENT_COLUMNS = (
-    "source, event_id, type, ordering_key, occurred_at, received_at, last_seen_at, "
-    "delivery_count, headers, body"
-)
+_EVENT_COLUMNS = "source, event_id, type, ordering_key, occurred_at, received_at, headers, body"
 _JOB_COLUMNS = (
     "kind, event_pk, ordering_key, order_ts, state, attempts, max_attempts, run_at, created_at"
 )
 _JOB_CONSTANTS = "'process_event'", "'available'", "0"
 
 
-def _event_row(arrival: Arrival, deliveries: int, last_seen: float) -> tuple[Any, ...]:
+def _event_row(arrival: Arrival) -> tuple[Any, ...]:
     event = arrival.event
     return (
         event.source,
@@ -151,52 +159,52 @@ def _event_row(arrival: Arrival, deliveries: int, last_seen: float) -> tuple[Any
         event.ordering_key,
         event.occurred_at,
         arrival.received_at,
-        last_seen,
-        deliveries,
         orjson.dumps(event.headers).decode(),
         event.body,
     )
 
 
 class _Sqlite:
-    """Multi-row VALUES (no round trips to save in-process; one statement per shape, cached)."""
+    """Multi-row VALUES, one statement per step and batch size (cached)."""
 
     @staticmethod
-    def insert_events(
-        cursor: Any, rows: Sequence[tuple[Arrival, int, float]]
-    ) -> dict[_Key, int]:
-        params = [value for row in rows for value in _event_row(*row)]
+    def insert_events(cursor: Any, rows: Sequence[Arrival]) -> dict[_Key, int]:
+        params = [value for row in rows for value in _event_row(row)]
         cursor.execute(_sqlite_insert_events(len(rows)), params)
         return {(source, event_id): int(pk) for pk, source, event_id in cursor.fetchall()}
 
     @staticmethod
-    def count_duplicates(
-        cursor: Any, rows: Sequence[tuple[_Key, int, float]]
-    ) -> dict[_Key, int]:
-        if not rows:
-            return {}
-        params = [v for (source, event_id), n, seen in rows for v in (source, event_id, n, seen)]
-        cursor.execute(_sqlite_count_duplicates(len(rows)), params)
+    def find_events(cursor: Any, keys: Sequence[_Key]) -> dict[_Key, int]:
+        cursor.execute(_sqlite_find_events(len(keys)), [v for key in keys for v in key])
         return {(source, event_id): int(pk) for pk, source, event_id in cursor.fetchall()}
 
     @staticmethod
     def insert_jobs(cursor: Any, rows: Sequence[tuple[Any, ...]]) -> None:
-        cursor.executemany(
-            f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES "
-            f"({_JOB_CONSTANTS[0]}, ?, ?, ?, {_JOB_CONSTANTS[1]}, {_JOB_CONSTANTS[2]}, ?, ?, ?)",
-            [(*row, row[-1]) for row in rows],
-        )
+        cursor.execute(_sqlite_insert_jobs(len(rows)), [v for row in rows for v in (*row, row[-1])])
 
     @staticmethod
     def insert_deliveries(cursor: Any, rows: Sequence[tuple[int, float, str]]) -> None:
-        cursor.executemany(
-            "INSERT INTO deliveries (event_pk, received_at, outcome) VALUES (?, ?, ?)", rows
-        )
+        cursor.execute(_sqlite_insert_deliveries(len(rows)), [v for row in rows for v in row])
+
+
+# Multi-row VALUES rather than `executemany`: the sqlite3 module releases the GIL around every
+# row's step and must take it back from the busy event loop thread each time (up to the switch
+# interval per row); one statement per batch takes it back once.
+@functools.lru_cache(maxsize=64)
+def _sqlite_insert_jobs(n: int) -> str:
+    row = f"({_JOB_CONSTANTS[0]}, ?, ?, ?, {_JOB_CONSTANTS[1]}, {_JOB_CONSTANTS[2]}, ?, ?, ?)"
+    return f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES {', '.join([row] * n)}"
+
+
+@functools.lru_cache(maxsize=64)
+def _sqlite_insert_deliveries(n: int) -> str:
+    values = ", ".join(["(?, ?, ?)"] * n)
+    return f"INSERT INTO deliveries (event_pk, received_at, outcome) VALUES {values}"
 
 
 @functools.lru_cache(maxsize=64)
 def _sqlite_insert_events(n: int) -> str:
-    values = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * n)
+    values = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * n)
     return (
         f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES {values} "
         "ON CONFLICT (source, event_id) DO NOTHING RETURNING id, source, event_id"
@@ -204,14 +212,12 @@ def _sqlite_insert_events(n: int) -> str:
 
 
 @functools.lru_cache(maxsize=64)
-def _sqlite_count_duplicates(n: int) -> str:
-    values = ", ".join(["(?, ?, ?, ?)"] * n)
+def _sqlite_find_events(n: int) -> str:
+    values = ", ".join(["(?, ?)"] * n)
     return (
-        f"WITH v(source, event_id, n, seen) AS (VALUES {values}) "
-        "UPDATE events SET delivery_count = events.delivery_count + v.n, "
-        "last_seen_at = max(events.last_seen_at, v.seen) "
-        "FROM v WHERE events.source = v.source AND events.event_id = v.event_id "
-        "RETURNING events.id, events.source, events.event_id"
+        f"WITH v(source, event_id) AS (VALUES {values}) "
+        "SELECT e.id, e.source, e.event_id FROM v "
+        "JOIN events AS e ON e.source = v.source AND e.event_id = v.event_id"
     )
 
 
@@ -221,16 +227,13 @@ class _Postgres:
     _INSERT_EVENTS = (
         f"INSERT INTO events ({_EVENT_COLUMNS}) "
         "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::float8[], "
-        "%s::float8[], %s::float8[], %s::int[], %s::text[], %s::bytea[]) "
+        "%s::float8[], %s::text[], %s::bytea[]) "
         "ON CONFLICT (source, event_id) DO NOTHING RETURNING id, source, event_id"
     )
-    _COUNT_DUPLICATES = (
-        "UPDATE events AS e SET delivery_count = e.delivery_count + v.n, "
-        "last_seen_at = GREATEST(e.last_seen_at, v.seen) "
-        "FROM unnest(%s::text[], %s::text[], %s::int[], %s::float8[]) "
-        "AS v(source, event_id, n, seen) "
-        "WHERE e.source = v.source AND e.event_id = v.event_id "
-        "RETURNING e.id, e.source, e.event_id"
+    _FIND_EVENTS = (
+        "SELECT e.id, e.source, e.event_id "
+        "FROM unnest(%s::text[], %s::text[]) AS v(source, event_id) "
+        "JOIN events AS e ON e.source = v.source AND e.event_id = v.event_id"
     )
     _INSERT_JOBS = (
         f"INSERT INTO jobs ({_JOB_COLUMNS}) "
@@ -245,20 +248,15 @@ class _Postgres:
     )
 
     @classmethod
-    def insert_events(
-        cls, cursor: Any, rows: Sequence[tuple[Arrival, int, float]]
-    ) -> dict[_Key, int]:
-        cursor.execute(cls._INSERT_EVENTS, _columns([_event_row(*row) for row in rows], 10))
+    def insert_events(cls, cursor: Any, rows: Sequence[Arrival]) -> dict[_Key, int]:
+        cursor.execute(cls._INSERT_EVENTS, _columns([_event_row(row) for row in rows], 8))
         return {(source, event_id): int(pk) for pk, source, event_id in cursor.fetchall()}
 
     @classmethod
-    def count_duplicates(
-        cls, cursor: Any, rows: Sequence[tuple[_Key, int, float]]
-    ) -> dict[_Key, int]:
-        if not rows:
-            return {}
-        flat = [(source, event_id, n, seen) for (source, event_id), n, seen in rows]
-        cursor.execute(cls._COUNT_DUPLICATES, _columns(flat, 4))
+    def find_events(cls, cursor: Any, keys: Sequence[_Key]) -> dict[_Key, int]:
+        # READ COMMITTED: a new statement sees the row of a concurrent writer whose insert
+        # this transaction's `ON CONFLICT DO NOTHING` waited for.
+        cursor.execute(cls._FIND_EVENTS, _columns(keys, 2))
         return {(source, event_id): int(pk) for pk, source, event_id in cursor.fetchall()}
 
     @classmethod

@@ -36,7 +36,9 @@ def _in(column: str, values: tuple[str, ...]) -> str:
     return f"{column} IN ({', '.join(repr(v) for v in values)})"
 
 
-# One row per distinct provider event; the raw body is the source of truth for replay.
+# One row per distinct provider event; the raw body is the source of truth for replay. How many
+# times it was delivered, and when last, is read from `deliveries`: a duplicate delivery adds a
+# row there and never rewrites this (large) row.
 events = sa.Table(
     "events",
     metadata,
@@ -47,8 +49,6 @@ events = sa.Table(
     sa.Column("ordering_key", sa.String(255), nullable=False),
     sa.Column("occurred_at", sa.Double(), nullable=True),
     sa.Column("received_at", sa.Double(), nullable=False),
-    sa.Column("last_seen_at", sa.Double(), nullable=False),
-    sa.Column("delivery_count", sa.Integer(), nullable=False, server_default="1"),
     sa.Column("headers", sa.Text(), nullable=False),
     sa.Column("body", sa.LargeBinary(), nullable=False),
     # Set by processing: processed | ignored | failed; NULL while waiting.

@@ -57,8 +57,6 @@ def upgrade() -> None:
         sa.Column("ordering_key", sa.String(length=255), nullable=False),
         sa.Column("occurred_at", sa.Double(), nullable=True),
         sa.Column("received_at", sa.Double(), nullable=False),
-        sa.Column("last_seen_at", sa.Double(), nullable=False),
-        sa.Column("delivery_count", sa.Integer(), server_default="1", nullable=False),
         sa.Column("headers", sa.Text(), nullable=False),
         sa.Column("body", sa.LargeBinary(), nullable=False),
         sa.Column("outcome", sa.String(length=32), nullable=True),
