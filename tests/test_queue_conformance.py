@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import threading
+import time
 from collections.abc import Callable
 
 import pytest
@@ -281,3 +283,51 @@ def test_group_completion_completes_only_what_is_still_held(engine: Engine) -> N
     fresh = _claim(engine, "w3", now=T0 + LEASE + 3)
     assert complete_many(engine, fresh, now=T0 + LEASE + 4) == {j.id for j in fresh}
     assert [a.outcome for a in show_job(engine, fresh[0].id).history] == ["rescued", "completed"]
+
+
+def test_started_worker_commits_completions_with_its_claims_in_key_order(engine: Engine) -> None:
+    # Three keys, four jobs each, enqueued out of provider order: the threaded worker's rounds
+    # (complete what finished, claim the next, one transaction) must keep each key's order and
+    # never run two jobs of a key at once.
+    for n in range(12):
+        _enqueue(engine, f"k{n % 3}", float(11 - n))
+    running: set[str] = set()
+    runs: list[tuple[str, float]] = []
+    overlaps: list[str] = []
+    lock = threading.Lock()
+
+    def handler(_engine: Engine, job: Job) -> None:
+        with lock:
+            if job.ordering_key in running:
+                overlaps.append(job.ordering_key)
+            running.add(job.ordering_key)
+        time.sleep(0.002)
+        with lock:
+            running.discard(job.ordering_key)
+            runs.append((job.ordering_key, job.order_ts))
+
+    worker = Worker(engine, WorkerConfig(concurrency=4, poll_interval_seconds=0.05,
+                                         retry=POLICY),
+                    Registry({"process_event": handler}), clock=lambda: T0 + 1)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with engine.connect() as connection:
+                left = connection.execute(sa.select(sa.func.count()).where(
+                    jobs.c.state != JobState.COMPLETED.value)).scalar_one()
+            if not left:
+                break
+            time.sleep(0.02)
+    finally:
+        worker.stop()
+        released = worker.join()
+    assert released == 0 and not overlaps and len(runs) == 12
+    for key in ("k0", "k1", "k2"):
+        order = [ts for k, ts in runs if k == key]
+        assert order == sorted(order), key
+    with engine.connect() as connection:
+        outcomes = connection.execute(
+            sa.select(job_attempts.c.outcome, sa.func.count()).group_by(job_attempts.c.outcome)
+        ).all()
+    assert [tuple(row) for row in outcomes] == [("completed", 12)]
