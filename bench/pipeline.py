@@ -17,6 +17,8 @@ the server answers. The clock starts when wrk starts and stops at the last recei
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -87,6 +89,8 @@ class PipelineResult:
     latency_p99_ms: float
     receipts: int
     duplicates_sent: int
+    # CPU seconds per 1,000 events spent by each process kind over the run (2 cores = 2 s/s).
+    cpu_ms_per_event: dict[str, float]
 
 
 def run(kind: str, events: int, workers: int, scratch: Path) -> PipelineResult:
@@ -114,11 +118,12 @@ def run(kind: str, events: int, workers: int, scratch: Path) -> PipelineResult:
         commands = [["billhook", "serve"]] + [["billhook", "worker"]] * workers
         engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
         try:
-            with processes(commands, env, logs=scratch):
+            with processes(commands, env, logs=scratch) as children:
                 base = f"http://127.0.0.1:{port}"
                 wait_for(lambda: _ready(base), 60, "billhook serve")
                 time.sleep(1.0)  # workers import and connect; idle start-up is not measured
                 started = time.time()
+                cpu_before = _cpu(children), resource.getrusage(resource.RUSAGE_SELF)
                 wrk = subprocess.Popen(
                     ["wrk", "-t2", f"-c{CONNECTIONS}", "-d600s", "--timeout", "10s",
                      "-s", str(script), base, "--", str(requests), "2"],
@@ -128,15 +133,22 @@ def run(kind: str, events: int, workers: int, scratch: Path) -> PipelineResult:
                 try:
                     stored, ingested = _wait_stored(engine, events)
                 finally:
+                    wrk_cpu = _cpu([wrk])[0]
                     wrk.send_signal(signal.SIGINT)
                     wrk.wait(timeout=30)
                 wait_for(lambda: sink.count() >= stored, 300, "receipts", step=0.05)
+                cpu_after = _cpu(children), resource.getrusage(resource.RUSAGE_SELF)
                 time.sleep(0.5)  # a late duplicate would show here
             latencies = _latencies(engine, sink.first_by_invoice(), set(invoice_ids))
         finally:
             engine.dispose()
         last = max(stamp for stamp, _ in sink.received)
         seconds = last - started
+        spent = [after - before for before, after in zip(cpu_before[0], cpu_after[0], strict=True)]
+        own = sum(
+            getattr(cpu_after[1], f) - getattr(cpu_before[1], f) for f in ("ru_utime", "ru_stime")
+        )
+        cpu = {"serve": spent[0], "workers": sum(spent[1:]), "sink": own, "wrk": wrk_cpu}
         return PipelineResult(
             database=kind,
             events=stored,
@@ -148,7 +160,22 @@ def run(kind: str, events: int, workers: int, scratch: Path) -> PipelineResult:
             latency_p99_ms=percentile(latencies, 0.99),
             receipts=len(latencies),
             duplicates_sent=sink.count() - len(latencies),
+            cpu_ms_per_event={name: round(1000 * value / stored, 3) for name, value in cpu.items()},
         )
+
+
+def _cpu(children: list[subprocess.Popen[bytes]]) -> list[float]:
+    """CPU seconds (user + system, all threads) each process has used so far."""
+    tick = os.sysconf("SC_CLK_TCK")
+    spent = []
+    for child in children:
+        try:
+            fields = Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            spent.append(0.0)
+            continue
+        spent.append((int(fields[11]) + int(fields[12])) / tick)
+    return spent
 
 
 def _wait_stored(engine: sa.engine.Engine, events: int) -> tuple[int, float]:
@@ -227,14 +254,16 @@ def markdown(results: list[PipelineResult]) -> str:
         "hand-over, per invoice.",
         "",
         "| database | workers | events | ingest s | total s | events/s | p50 ms | p99 ms "
-        "| receipts | extra mails |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| receipts | extra mails | CPU ms/event: serve, workers, SMTP sink, wrk |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r.database} | {r.workers} | {r.events:,} | {r.ingest_seconds:.1f} | "
             f"{r.seconds:.1f} | {r.events_per_s:,.0f} | {r.latency_p50_ms:,.0f} | "
-            f"{r.latency_p99_ms:,.0f} | {r.receipts:,} | {r.duplicates_sent} |"
+            f"{r.latency_p99_ms:,.0f} | {r.receipts:,} | {r.duplicates_sent} | "
+            + ", ".join(f"{v:.2f}" for v in r.cpu_ms_per_event.values())
+            + " |"
         )
     return "\n".join(lines)
 
