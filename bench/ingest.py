@@ -314,7 +314,7 @@ def _measure(
     for count in connections:
         before = _stored_events(database_url) if database_url else 0
         # Enough unique events for the fastest plausible rate; beyond that they repeat (duplicates).
-        requests = _signed_requests(int(duration * (3000 if count == 1 else 12000)))
+        requests = _signed_requests(int(duration * (3000 if count == 1 else 25000)))
         path = workdir / f"{name.replace(' ', '_').replace(',', '')}-{count}.txt"
         rps, p50, p99, errors, elapsed = _load(client, server.url, count, duration, requests, path)
         accepted = (_stored_events(database_url) - before) / elapsed if database_url else None
