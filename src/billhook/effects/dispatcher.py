@@ -29,7 +29,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -60,7 +60,9 @@ _PAUSED = sa.select(switches.c.key).where(
 _log = get_logger("billhook.effects")
 
 
-@dataclass(frozen=True)
+# Filled in place while the claim's transaction runs (recipient, attempt numbers), then only
+# read: `dataclasses.replace` per row and step cost more than the batch's SQL.
+@dataclass(slots=True)
 class _Claimed:
     id: int
     idempotency_key: str
@@ -156,12 +158,13 @@ class EffectDispatcher:
                     .where(effects.c.id.in_(in_doubt))
                     .values(resends=effects.c.resends + 1)
                 )
-            rescued = [
-                replace(e, resends=e.resends + 1) if e.id in in_doubt else e for e in rescued
-            ]
-            claimed = self._with_recipients(connection, rescued + fresh)
-            claimed = _with_attempt_counts(connection, claimed)
-            claimed = self._open_attempts(connection, claimed, now)
+            for effect in rescued:
+                if effect.id in in_doubt:
+                    effect.resends += 1
+            claimed = rescued + fresh
+            self._set_recipients(connection, claimed)
+            _set_attempt_counts(connection, claimed)
+            self._open_attempts(connection, claimed, now)
         for effect in claimed:
             if effect.id in in_doubt:
                 EFFECTS_RESENT.labels(effect.channel, effect.kind).inc()
@@ -267,7 +270,7 @@ class EffectDispatcher:
         ).all()
         return {row.effect_id for row in rows}
 
-    def _with_recipients(self, connection: Connection, claimed: list[_Claimed]) -> list[_Claimed]:
+    def _set_recipients(self, connection: Connection, claimed: list[_Claimed]) -> None:
         """The intent's email, else the invoice's current one (set it, then redrive)."""
         missing = {
             e.invoice_id
@@ -284,22 +287,14 @@ class EffectDispatcher:
                     )
                 )
             }
-        return [
-            replace(
-                e,
-                recipient=e.payload.get("customer_email") or current.get(e.invoice_id or ""),
-            )
-            if e.channel == "email"
-            else e
-            for e in claimed
-        ]
+        for e in claimed:
+            if e.channel == "email":
+                e.recipient = e.payload.get("customer_email") or current.get(e.invoice_id or "")
 
-    def _open_attempts(
-        self, connection: Connection, claimed: list[_Claimed], now: float
-    ) -> list[_Claimed]:
+    def _open_attempts(self, connection: Connection, claimed: list[_Claimed], now: float) -> None:
         """Step 1 of the ordering: a `sending` attempt per claimed row, in the claim's commit."""
         if not claimed:
-            return claimed
+            return
         # Numbered over the effect's whole history (counted at claim: while the lease is ours no
         # one else adds attempts, and one claim opens one), so a redrive keeps counting up.
         rows = connection.execute(
@@ -309,7 +304,8 @@ class EffectDispatcher:
                 for e in claimed
             ],
         ).all()
-        return [replace(e, attempt_id=row.id) for e, row in zip(claimed, rows, strict=True)]
+        for e, row in zip(claimed, rows, strict=True):
+            e.attempt_id = row.id
 
     # -- deliver -----------------------------------------------------------------------------
 
@@ -493,9 +489,9 @@ class _Outcome:
         )
 
 
-def _with_attempt_counts(connection: Connection, claimed: list[_Claimed]) -> list[_Claimed]:
+def _set_attempt_counts(connection: Connection, claimed: list[_Claimed]) -> None:
     if not claimed:
-        return claimed
+        return
     # A result has `.keys()`, so dict() would take it for a mapping: build it row by row.
     counts = {
         int(row[0]): int(row[1])
@@ -505,7 +501,8 @@ def _with_attempt_counts(connection: Connection, claimed: list[_Claimed]) -> lis
             .group_by(effect_attempts.c.effect_id)
         )
     }
-    return [replace(e, recorded_attempts=int(counts.get(e.id, 0))) for e in claimed]
+    for e in claimed:
+        e.recorded_attempts = counts.get(e.id, 0)
 
 
 def _ours(effect: _Claimed) -> tuple[int, int]:
