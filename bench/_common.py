@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -180,6 +182,70 @@ class SmtpSink:
             if match is not None:
                 seen.setdefault(match.group().decode(), stamp)
         return seen
+
+
+class PostfixSink:
+    """Postfix's `smtp-sink` (Debian package `postfix`), the SMTP test server written in C for
+    load tests: a real SMTP server over TCP that costs the machine almost nothing, unlike
+    aiosmtpd (~450 us of CPU per message, a core at 2,000 messages/s on a 2-core machine).
+
+    Each message is dumped to its own file; its modification time is the hand-over stamp. The
+    same interface as `SmtpSink`.
+    """
+
+    BINARY = "/usr/sbin/smtp-sink"
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self._dir = Path(tempfile.mkdtemp(prefix="billhook-smtp-sink-"))
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @classmethod
+    def available(cls) -> bool:
+        return Path(cls.BINARY).exists()
+
+    @property
+    def url(self) -> str:
+        return f"smtp://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> PostfixSink:
+        self._process = subprocess.Popen(
+            [self.BINARY, "-u", "root", "-d", f"{self._dir}/m.", f"127.0.0.1:{self.port}", "256"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for(lambda: _accepts(self.port), 10, "smtp-sink")
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            self._process.wait(timeout=10)
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def count(self) -> int:
+        return sum(1 for _ in os.scandir(self._dir))
+
+    @property
+    def received(self) -> list[tuple[float, bytes]]:
+        return [
+            (entry.stat().st_mtime_ns / 1e9, Path(entry.path).read_bytes())
+            for entry in os.scandir(self._dir)
+        ]
+
+    def first_by_invoice(self) -> dict[str, float]:
+        """Invoice id -> when its first message was handed over."""
+        seen: dict[str, float] = {}
+        for stamp, content in sorted(self.received):
+            match = _INVOICE.search(content)
+            if match is not None:
+                seen.setdefault(match.group().decode(), stamp)
+        return seen
+
+
+def _accepts(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 def percentile(values: list[float], q: float) -> float:
