@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import os
+import sys
+
 import typer
 from sqlalchemy.engine import Engine
 
@@ -31,6 +35,7 @@ def worker(
     ),
 ) -> None:
     """Claim and run jobs until SIGTERM/SIGINT, then finish or release them and exit 0."""
+    cap_malloc_arenas()
     config = settings()
     configure_logging(config)
     engine = open_engine(config)
@@ -47,6 +52,25 @@ def worker(
             if close is not None:
                 close()
         engine.dispose()
+
+
+def cap_malloc_arenas(arenas: int = 2) -> None:
+    """Keep glibc to a few malloc arenas in this long-lived, many-threaded process.
+
+    glibc gives threads their own arenas (up to 8 per core) and rarely returns their free
+    memory: a worker's resident memory kept creeping for hundreds of thousands of events while
+    Python's own allocations stayed flat (bench/memory.py). Must run before threads start.
+    Same effect as MALLOC_ARENA_MAX; a no-op on other C libraries."""
+    if sys.platform != "linux" or "MALLOC_ARENA_MAX" in os.environ:
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_ARENA_MAX, arenas)
+    except (OSError, AttributeError):
+        return
+
+
+_M_ARENA_MAX = -8  # from glibc's malloc.h
 
 
 def effect_services(engine: Engine, config: Settings) -> list[Service]:

@@ -93,9 +93,12 @@ def insert_effects(connection: Connection, rows: list[dict[str, Any]]) -> int:
     """Insert outbox rows, skipping keys the outbox already holds; returns the rows inserted."""
     if not rows:
         return 0
-    statement = _INSERT_EFFECT[connection.dialect.name == "postgresql"]
-    # One executemany: SQLAlchemy sends it as a multi-row INSERT ... RETURNING.
-    return len(connection.execute(statement, rows).all())
+    if connection.dialect.name == "postgresql":
+        # One multi-row INSERT ... RETURNING (psycopg reports no row count for executemany).
+        return len(connection.execute(_INSERT_EFFECT_RETURNING, rows).all())
+    # SQLite: a plain executemany, one statement text whatever the batch size (the driver
+    # caches a prepared statement per text); its row count leaves out the keys skipped.
+    return int(connection.execute(_INSERT_EFFECT_SQLITE, rows).rowcount)
 
 
 def effects_backlog(engine: Engine) -> int:
@@ -111,9 +114,11 @@ def effects_backlog(engine: Engine) -> int:
 
 # Built once per dialect (index: `dialect is postgresql`): building the insert per event cost
 # more CPU than running it.
-_INSERT_EFFECT = tuple(
-    dialect.insert(effects)
+_INSERT_EFFECT_SQLITE = sqlite.insert(effects).on_conflict_do_nothing(
+    index_elements=[effects.c.idempotency_key]
+)
+_INSERT_EFFECT_RETURNING = (
+    postgresql.insert(effects)
     .on_conflict_do_nothing(index_elements=[effects.c.idempotency_key])
     .returning(effects.c.id)
-    for dialect in (sqlite, postgresql)
 )

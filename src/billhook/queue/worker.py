@@ -130,7 +130,14 @@ class Worker:
         self._finishing: set[int] = set()
         # Finished jobs handed to the completer: in flight until their completion commits.
         self._completing: set[int] = set()
-        self._capacity = PREFETCH_PER_EXECUTOR * config.concurrency
+        # Batchable jobs (the event processor) share a transaction per executor batch: claim
+        # enough that one batch can fill, whatever the concurrency.
+        self._capacity = max(
+            PREFETCH_PER_EXECUTOR * config.concurrency,
+            MAX_SHARED_COMMIT
+            if any(hasattr(h, "run_many") for h in registry.handlers.values())
+            else 0,
+        )
         self._connection: Connection | None = None
         self._inflight_lock = threading.Lock()
         self._idle = threading.Condition(self._inflight_lock)

@@ -163,13 +163,14 @@ def insert_invoices(connection: Connection, rows: list[dict[str, Any]], *, now: 
     `ConcurrentUpdate` when another writer created one of them first: nothing is kept then."""
     if not rows:
         return
-    statement = _INSERT_INVOICE[connection.dialect.name == "postgresql"]
     params = [{**row, "version": 1, "created_at": now} for row in rows]
-    created = len(connection.execute(statement, params).all())
-    if created != len(rows):
+    try:
+        # A plain executemany: one statement text whatever the batch size.
+        connection.execute(_INSERT_INVOICES, params)
+    except sa.exc.IntegrityError as exc:
         raise ConcurrentUpdate(
-            f"{len(rows) - created} of {len(rows)} invoices were created concurrently"
-        )
+            f"one of {len(rows)} new invoices was created concurrently; retry on the fresh state"
+        ) from exc
 
 
 def update_invoices(
@@ -284,6 +285,12 @@ _INSERT_INVOICE = tuple(
     .on_conflict_do_nothing(index_elements=[invoices.c.id])
     .returning(invoices.c.id)
     for dialect in (sqlite, postgresql)
+)
+_INSERT_INVOICES = invoices.insert().values(
+    {
+        name: sa.bindparam(name)
+        for name in ("id", "source", "version", "created_at", *_SUMMARY_NAMES)
+    }
 )
 _UPDATE_INVOICE = (
     invoices.update()
