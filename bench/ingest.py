@@ -70,8 +70,8 @@ PG_ADMIN_URL = os.environ.get(
 )
 ROOT = Path(__file__).resolve().parent
 # Server processes per database, measured (bench/RESULTS.md): on PostgreSQL two processes on two
-# cores answer more than one; on SQLite a second process only waits for the one write lock (its
-# busy handler sleeps, p99 near 1 s), so one process with one group-commit writer is best.
+# cores answer more than one; on SQLite the processes' writers take turns at the one write lock,
+# and a second process answered no more than one, so one process with one group-commit writer.
 DEFAULT_PROCESSES = {"sqlite": 1, "postgres": 2}
 SECTION = "# Ingest benchmark"
 LUA = r"""
@@ -112,20 +112,28 @@ NOTES = """## Reading these figures
   (SQLite WAL with `synchronous=FULL`; PostgreSQL `fsync` on commit). Nothing to group.
 - At 32 connections each server process's `EventWriter` commits the deliveries that arrived
   together in one transaction, written through the raw DBAPI cursor in four statements whatever
-  the batch (events insert `ON CONFLICT DO NOTHING RETURNING`, one `UPDATE ... RETURNING` for
-  all duplicates, jobs insert, deliveries insert); each delivery is answered after its commit.
+  the batch (events insert `ON CONFLICT DO NOTHING RETURNING`, one `SELECT` of the ids of already
+  stored events, jobs insert, deliveries insert; on PostgreSQL in one psycopg pipeline); each
+  delivery is answered after its commit. POST /webhooks/* is answered by raw ASGI handlers ahead
+  of Starlette's middleware and router.
+- SQLite: a background thread runs PASSIVE WAL checkpoints after each commit, so the commit that
+  crosses the WAL threshold no longer copies ~4 MB into the database file while its batch waits.
 - duplicates: every delivery re-sends an event already stored (200 `duplicate`, delivery row,
-  count bumped, nothing enqueued); `duplicate cost` = time per duplicate / time per new event.
+  nothing enqueued, the event row untouched: delivery count and last-seen time are read from
+  `deliveries`); `duplicate cost` = time per duplicate / time per new event. In `record_many`
+  alone a duplicate costs a fifth of a new event on SQLite; over HTTP on PostgreSQL (2
+  processes) the cost ratio went from 1.5-1.8 to 1.05-1.4 when the row rewrite went away.
 - The machine is shared with other work (see the load average): compare rows of one run with
   each other, not with other runs or machines.
-- Not met on this shared machine: >= 50% / 40% of the ceiling and p99 <= 10 ms. Commits here cost
-  2-7 ms (a raw SQLite WAL commit of one row: ~2 ms), so with 32 clients a batch cycle is
-  commit-bound; the server spends ~500 us of CPU per delivery against ~100 us for the bare route.
-- Server processes: 2 on PostgreSQL beat 1 (1,108 -> 1,743/s in a --quick run); 2 on SQLite made
-  p99 ~1 s (the second writer sleeps in SQLite's busy handler), so SQLite stays at 1.
-- Duplicates on PostgreSQL with 2 processes cost more than new events: each duplicate rewrites the
-  ~2 KB event row (`delivery_count`, `last_seen_at` live on it) while a new event is an insert;
-  with 1 process they cost the same (1,110 vs 1,108/s). On SQLite they are cheaper."""
+- Not met on this shared machine: >= 50% / 40% of the ceiling and p99 <= 10 ms. A group commit
+  of 32 events writes ~3 randomly placed index pages per event into the WAL (events
+  `(source, event_id)` and `ordering_key`, jobs `(ordering_key, state)`): dropping
+  `ix_events_ordering_key` measured +10-15% in `record_many` alone, dropping
+  `ix_jobs_ordering_key_state` as well +40%; both serve reads (explain, replay, the claim).
+- Server processes: 2 on PostgreSQL beat 1. On SQLite the ingest writers of several processes
+  take turns through an `flock` beside the database (p99 ~30 ms with 2, where SQLite's busy
+  handler gave ~1 s), but 2 answered no more than 1 here (the commits are the bound), so SQLite
+  stays at 1."""
 
 
 @dataclass
