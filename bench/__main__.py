@@ -75,7 +75,7 @@ def _ingest_markdown(result: dict[str, Any], notes: str) -> str:
 def _pipeline(quick: bool) -> dict[str, Any]:
     from bench.pipeline import run_pipeline_bench
 
-    return run_pipeline_bench(events=1000 if quick else 5000)
+    return run_pipeline_bench(events=1000 if quick else 10000)
 
 
 def _queue(quick: bool) -> dict[str, Any]:
