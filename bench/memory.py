@@ -434,22 +434,20 @@ def _verdict(growth: float | None, what: str) -> str:
 # worker in-process, concurrency 32), not re-measured by each run.
 NOTES = """### Reading these figures
 
-- The growth is native memory, not Python objects: under tracemalloc, traced memory was 19.5 MB
-  at 20k events and 19.3 MB at 100k while RSS rose 34 MB. Two bounded things fill up: the
-  statement cache of each pooled SQLite connection (the sqlite3 driver keeps 128 prepared
-  statements per connection, and batched processing sends ~190 distinct statement texts: a
-  multi-row `INSERT ... RETURNING` per batch size for invoices and effects, an expanded
-  `IN (?, ...)` per list length for events, invoices, charge links and job completions), and
-  glibc's per-thread malloc arenas (32 executor threads). With the driver's
-  `cached_statements=0`, or with `MALLOC_ARENA_MAX=2`, the worker sat ~30 MB lower and was flat
-  from 60k to 140k events (in-process runs of 140k events, not 1M).
-- Two runs of the full pair (2026-11-26): 155.0 -> 169.7 MB (+9.5%) and 156.7 -> 173.3 MB
-  (+10.6%). Most of the rise comes before ~300k events; after it the worker still crept up
-  2-7% by 1M, so a bound is not demonstrated within 1M events.
+- The growth was native memory, not Python objects: under tracemalloc, traced memory was 19.5 MB
+  at 20k events and 19.3 MB at 100k while RSS rose 34 MB. Two things filled up: glibc's
+  per-thread malloc arenas (32 executor threads), and each pooled SQLite connection's statement
+  cache (128 prepared statements), fed one multi-row `INSERT ... RETURNING` text per batch size.
+- Since 2026-11-26 `billhook worker` caps glibc at 2 malloc arenas at start-up (`mallopt`, the
+  same as `MALLOC_ARENA_MAX=2`; an explicit `MALLOC_ARENA_MAX` wins) and SQLite batch inserts are
+  plain executemany, one statement text per table. Full pair after the change: 111.9 -> 118.0 MB
+  (+5.4%, peak 120 MB), at 100k / 325k / 550k / 775k / 1M: 111.9 / 116.2 / 117.1 / 116.0 /
+  118.0 MB. Before it, two runs: 155.0 -> 169.7 MB (+9.5%) and 156.7 -> 173.3 MB (+10.6%).
+- Still varying: `IN (?, ...)` lists expanded per length (SQLite) for events, invoices, charge
+  links and job completions; bounded by the 128-statement cache per connection.
 - Nothing unbounded was found in billhook's Python side: between 20k and 100k events no
   allocation site grew by more than ~60 KB (caches, log and metric labels, SQLAlchemy's
-  compiled cache included).
-- `MALLOC_ARENA_MAX=2` in a worker's environment is a deployment knob that trims ~30 MB."""
+  compiled cache included)."""
 
 
 def markdown(r: MemoryResult) -> str:
