@@ -59,7 +59,8 @@ NOTES = """
   last 2xx is about a second.
 - Latency is dominated by the ingest phase: events wait while the write lock is busy with
   other batches. p99 is therefore seconds, not milliseconds, at full load.
-- `failed_attempts` (in the JSON) counts retried job attempts by error type; a healthy run has none."""
+- `failed_attempts` (in the JSON) counts retried job attempts by error type; a healthy run
+  has none."""
 # Each wrk thread sends its own slice of the file once; past the end it repeats its last event
 # (a duplicate, answered but not counted) until the run is stopped.
 LUA = r"""
