@@ -23,6 +23,8 @@ from billhook.effects.render import OutgoingEmail
 from billhook.store.engine import create_engine, transaction
 from billhook.store.schema import effects
 from live_server import free_port
+from test_effects_email import Clock
+from test_effects_email import settings_for as email_settings_for
 
 REFUSED = "nobody@example.com"
 
@@ -69,23 +71,12 @@ class Inbox:
         return {peer for peer, _ in self.received}
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def settings_for(url: str, tmp_path: Path, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "database_url": url,
-        "data_dir": str(tmp_path / "data"),
-        "retry_base_seconds": 0.01,
-        "retry_max_seconds": 0.05,
-        "lease_seconds": 60.0,
-    }
-    return Settings(**{**values, **overrides})
+    return email_settings_for(
+        url,
+        tmp_path,
+        **{"lease_seconds": 60.0, "max_attempts": Settings().max_attempts, **overrides},
+    )
 
 
 def enqueue(engine: Engine, settings: Settings, receipts: list[Receipt], now: float) -> None:
