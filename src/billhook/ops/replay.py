@@ -23,7 +23,6 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, TypeVar
 
-import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
@@ -67,10 +66,11 @@ from billhook.store.invoices import (
     StoredInvoice,
     charge_invoices,
     link_charge,
+    load_invoices,
     record_changes,
     save_invoice,
 )
-from billhook.store.schema import effects, events, invoices
+from billhook.store.schema import effects, events
 
 __all__ = [
     "EXIT_EVENTS_FAILED",
@@ -508,18 +508,9 @@ class _Known:
     def read(cls, connection: Connection, batch: Sequence[BillingEvent]) -> _Known:
         links = charge_invoices(connection, sorted({e.charge_id for e in batch if e.charge_id}))
         ids = {e.invoice_id or links.get(e.charge_id or "") for e in batch} - {None, ""}
-        states: dict[str, InvoiceState] = {}
-        for start in range(0, len(ids), 500):
-            rows = connection.execute(
-                sa.select(invoices.c.id, invoices.c.state).where(
-                    invoices.c.id.in_(sorted(i for i in ids if i)[start : start + 500])
-                )
-            )
-            for row in rows:
-                try:
-                    states[row.id] = InvoiceState.from_dict(orjson.loads(row.state))
-                except (orjson.JSONDecodeError, ValueError, AttributeError):
-                    continue  # unreadable: the full path reports it
+        stored = load_invoices(connection, [i for i in ids if i], lock=False)
+        # An unreadable state is left out: the full path reports it.
+        states = {i: read.state for i, read in stored.items() if isinstance(read, StoredInvoice)}
         return cls(states, links)
 
     def already_applied(self, event: BillingEvent) -> bool:

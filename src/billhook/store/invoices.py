@@ -111,17 +111,7 @@ def save_invoice(
         if created is None:
             raise ConcurrentUpdate(f"invoice {state.invoice_id} was created concurrently")
         return
-    result = connection.execute(
-        _UPDATE_INVOICE,
-        {
-            "invoice_id": state.invoice_id,
-            "seen_version": seen.version,
-            "version": seen.version + 1,
-            **values,
-        },
-    )
-    if result.rowcount != 1:
-        raise ConcurrentUpdate(f"invoice {state.invoice_id} changed while this event was applied")
+    update_invoices(connection, [(seen, values)])
 
 
 def record_changes(
@@ -190,14 +180,12 @@ def update_invoices(
     ]
     result = connection.execute(_UPDATE_INVOICE, params)
     if result.rowcount != len(params):
-        raise ConcurrentUpdate("an invoice changed while this batch was applied")
+        moved = rows[0][0].state.invoice_id if len(rows) == 1 else "an invoice"
+        raise ConcurrentUpdate(f"{moved} changed while this event was applied")
 
 
 def link_charge(connection: Connection, charge_id: str, invoice_id: str, now: float) -> None:
-    connection.execute(
-        _LINK_CHARGE[connection.dialect.name == "postgresql"],
-        {"charge_id": charge_id, "invoice_id": invoice_id, "created_at": now},
-    )
+    link_charges(connection, {charge_id: invoice_id}, now)
 
 
 def link_charges(connection: Connection, links: dict[str, str], now: float) -> None:
@@ -226,7 +214,7 @@ def charge_invoices(connection: Connection, charge_ids: Sequence[str]) -> dict[s
 
 
 def invoice_for_charge(connection: Connection, charge_id: str) -> str | None:
-    return connection.execute(_CHARGE_INVOICE, {"charge_id": charge_id}).scalar_one_or_none()
+    return charge_invoices(connection, [charge_id]).get(charge_id)
 
 
 def charges_of(connection: Connection, invoice_id: str) -> list[str]:
@@ -314,7 +302,4 @@ _LINK_CHARGE = tuple(
 _CHARGES_INVOICES = tuple(
     sa.select(charge_links.c.charge_id, charge_links.c.invoice_id).where(among)
     for among in among_per_dialect(charge_links.c.charge_id, sa.String())
-)
-_CHARGE_INVOICE = sa.select(charge_links.c.invoice_id).where(
-    charge_links.c.charge_id == sa.bindparam("charge_id", type_=sa.String())
 )
