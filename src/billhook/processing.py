@@ -153,14 +153,11 @@ def _default_processor() -> Processor:
 class _DefaultHandler:
     """The default `process_event` handler: settings from the environment of this process.
 
-    Callable as a plain handler (`handler(engine, job)`), and with `run_in(connection, job)`
+    Callable as a plain handler (`handler(engine, job)`), and with `run_many(connection, jobs)`
     so the worker can run a claimed batch in one transaction."""
 
     def __call__(self, engine: Engine, job: Job) -> None:
         _default_processor()(engine, job)
-
-    def run_in(self, connection: Connection, job: Job) -> None:
-        _default_processor().run_in(connection, job)
 
     def run_many(self, connection: Connection, jobs: Sequence[Job]) -> dict[int, Exception]:
         return _default_processor().run_many(connection, jobs)

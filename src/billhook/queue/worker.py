@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -60,6 +60,7 @@ MAX_CLAIM = 100
 ROUND_RETRY_SECONDS = 1.0
 
 
+@runtime_checkable
 class BatchHandler(Protocol):
     """A handler that can run a batch of jobs inside the worker's transaction (`Processor`).
 
@@ -135,7 +136,7 @@ class Worker:
         self._capacity = max(
             PREFETCH_PER_EXECUTOR * config.concurrency,
             MAX_SHARED_COMMIT
-            if any(hasattr(h, "run_many") for h in registry.handlers.values())
+            if any(isinstance(h, BatchHandler) for h in registry.handlers.values())
             else 0,
         )
         self._connection: Connection | None = None
@@ -190,11 +191,12 @@ class Worker:
                 self._execute(job)
         for kind, jobs in shared.items():
             handler = self.registry.handlers[kind]
+            assert isinstance(handler, BatchHandler)
             for start in range(0, len(jobs), MAX_SHARED_COMMIT):
-                self._execute_shared(handler, jobs[start : start + MAX_SHARED_COMMIT])  # type: ignore[arg-type]
+                self._execute_shared(handler, jobs[start : start + MAX_SHARED_COMMIT])
 
     def _batchable(self, job: Job) -> bool:
-        return hasattr(self.registry.handlers.get(job.kind), "run_many")
+        return isinstance(self.registry.handlers.get(job.kind), BatchHandler)
 
     def _execute_shared(self, handler: BatchHandler, jobs: Sequence[Job]) -> None:
         """One transaction for the batch; a job the handler refuses fails alone. If the database
