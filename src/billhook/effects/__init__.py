@@ -3,8 +3,10 @@
 Modules: `outbox` (enqueue intents inside the billing transaction, the backlog count),
 `render` (the email: Message-ID, Babel amounts, Jinja2 templates), `mailer` (SMTP or Maildir
 hand-over), `webhook` (signed downstream POST), `dispatcher` (the `EffectDispatcher` service:
-claim, send, record), `deadletter` (list and redrive dead effects), `timeline` (each effect of an
-invoice with its attempts, for explain), `metrics`.
+claim, send, record, and the ordering that closes the crash window) with its three steps `claim`
+(a batch of due rows, each with its `sending` attempt), `handover` (each message to its channel)
+and `outcomes` (every outcome of the batch in one commit), `deadletter` (list and redrive dead
+effects), `timeline` (each effect of an invoice with its attempts, for explain), `metrics`.
 """
 
 from billhook.effects.deadletter import DeadEffect, list_dead_effects, redrive_effect
