@@ -20,12 +20,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy.engine import Engine
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
 
 from billhook.errors import BillhookError, StoreUnavailable
 from billhook.observability import get_logger
 from billhook.sources import IncomingEvent
-from billhook.store.events import Arrival, Recorded, record_many
+from billhook.store.events import Arrival, Recorded, record_batch
 
 MAX_BATCH = 256
 
@@ -53,6 +54,7 @@ class EventWriter:
         self._lock = threading.Lock()
         self._write_lock_path = _write_lock_path(engine)
         self._write_lock_fd: int | None = None
+        self._connection: Connection | None = None
         database = _sqlite_file(engine)
         self._checkpointer = _Checkpointer(database) if database is not None else None
 
@@ -72,6 +74,9 @@ class EventWriter:
             thread.join()
         if self._checkpointer is not None:
             self._checkpointer.close()
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
         if self._write_lock_fd is not None:
             os.close(self._write_lock_fd)
             self._write_lock_fd = None
@@ -109,9 +114,9 @@ class EventWriter:
 
     def _commit(self, batch: list[_Pending]) -> None:
         try:
-            with self._write_turn():
-                results = record_many(
-                    self._engine,
+            with self._write_turn(), self._transaction() as connection:
+                results = record_batch(
+                    connection,
                     [p.arrival for p in batch],
                     now=self._clock(),
                     max_attempts=self._max_attempts,
@@ -132,6 +137,37 @@ class EventWriter:
         _settle([(p, r, None) for p, r in zip(batch, results, strict=True)])
         if self._checkpointer is not None:
             self._checkpointer.poke()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[Connection]:
+        """One transaction on the writer's own connection, held across batches.
+
+        Checking a connection out of the pool and back in (with its reset) for every group
+        commit cost more than the commit's statements. A connection that failed is dropped,
+        and the next batch opens a fresh one.
+        """
+        try:
+            if self._connection is None:
+                self._connection = self._engine.connect()
+            connection = self._connection
+            with connection.begin():
+                yield connection
+        except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+            self._drop_connection()
+            raise StoreUnavailable(
+                f"the database cannot commit right now: {_first_line(exc)}"
+            ) from exc
+        except BaseException:
+            if self._connection is not None and self._connection.invalidated:
+                self._drop_connection()
+            raise
+
+    def _drop_connection(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                connection.invalidate()
+                connection.close()
 
     @contextlib.contextmanager
     def _write_turn(self) -> Iterator[None]:
@@ -233,6 +269,11 @@ class _Checkpointer:
         finally:
             if connection is not None:
                 connection.close()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", exc) or exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
 def _as_unavailable(exc: Exception) -> BillhookError:
