@@ -1,4 +1,5 @@
-"""What the bench modules share: fresh databases, real billhook processes, an SMTP sink, stderr."""
+"""What the bench modules share: fresh databases, real billhook processes, an SMTP sink, stderr,
+the wrk script that sends signed deliveries."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import re
 import shutil
 import signal
 import socket
+import string
 import subprocess
 import sys
 import tempfile
@@ -253,3 +255,74 @@ def percentile(values: list[float], q: float) -> float:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(int(q * len(ordered)), len(ordered) - 1)]
+
+
+def wrk_script(*, once: bool) -> str:
+    """The wrk Lua script that POSTs pre-signed Stripe deliveries to /webhooks/stripe.
+
+    They are read from the file named by the script's first argument (`wrk ... -- FILE [N]`),
+    one delivery a line: `<Stripe-Signature>\\t<body>`.
+
+    `once=False` (a run of fixed duration, bench.ingest): every thread loads the whole file and
+    sends it round and round, thread k starting k halves into it, and wrk prints
+    `BENCH requests duration_us errors p50_us p99_us max_us` at the end.
+
+    `once=True` (a fixed set of events, bench.pipeline): thread k of the N threads named by the
+    second argument sends lines k, k + N, k + 2N, ... once each, then repeats its last line (a
+    duplicate, answered but not counted) until wrk is stopped.
+    """
+    if once:
+        return _WRK_REQUESTS.substitute(past_end="n") + _WRK_SLICE_ONCE
+    return _WRK_REQUESTS.substitute(past_end="1") + _WRK_LOOP + _WRK_REPORT
+
+
+_WRK_REQUESTS = string.Template(r"""
+local requests = {}
+local n = 0
+local i = 0
+local threads = 0
+function setup(thread)
+  thread:set("id", threads)
+  threads = threads + 1
+end
+local function add(line)
+  local tab = line:find("\t", 1, true)
+  n = n + 1
+  requests[n] = wrk.format("POST", "/webhooks/stripe",
+    {["Content-Type"] = "application/json", ["Stripe-Signature"] = line:sub(1, tab - 1)},
+    line:sub(tab + 1))
+end
+function request()
+  i = i + 1
+  if i > n then i = $past_end end
+  return requests[i]
+end
+""")
+_WRK_LOOP = r"""
+function init(args)
+  for line in io.lines(args[1]) do
+    add(line)
+  end
+  -- each wrk thread starts at its own offset so threads do not send the same events
+  i = (id or 0) * math.floor(n / 2)
+end
+"""
+_WRK_SLICE_ONCE = r"""
+function init(args)
+  local total = tonumber(args[2])
+  local k = 0
+  for line in io.lines(args[1]) do
+    if k % total == id then
+      add(line)
+    end
+    k = k + 1
+  end
+end
+"""
+_WRK_REPORT = r"""
+function done(summary, latency, requests)
+  io.write(string.format("BENCH %d %d %d %d %d %d\n", summary.requests, summary.duration,
+    summary.errors.status + summary.errors.connect + summary.errors.read + summary.errors.write
+    + summary.errors.timeout, latency:percentile(50), latency:percentile(99), latency.max))
+end
+"""

@@ -60,6 +60,7 @@ import httpx
 import orjson
 import sqlalchemy as sa
 
+from bench._common import wrk_script
 from billhook.sources import stripe
 from billhook.sources.templates import build_event
 
@@ -74,37 +75,6 @@ ROOT = Path(__file__).resolve().parent
 # and a second process answered no more than one, so one process with one group-commit writer.
 DEFAULT_PROCESSES = {"sqlite": 1, "postgres": 2}
 SECTION = "# Ingest benchmark"
-LUA = r"""
-local requests = {}
-local n = 0
-local i = 0
-local threads = 0
-function setup(thread)
-  thread:set("id", threads)
-  threads = threads + 1
-end
-function init(args)
-  for line in io.lines(args[1]) do
-    local tab = line:find("\t", 1, true)
-    n = n + 1
-    requests[n] = wrk.format("POST", "/webhooks/stripe",
-      {["Content-Type"] = "application/json", ["Stripe-Signature"] = line:sub(1, tab - 1)},
-      line:sub(tab + 1))
-  end
-  -- each wrk thread starts at its own offset so threads do not send the same events
-  i = (id or 0) * math.floor(n / 2)
-end
-function request()
-  i = i + 1
-  if i > n then i = 1 end
-  return requests[i]
-end
-function done(summary, latency, requests)
-  io.write(string.format("BENCH %d %d %d %d %d %d\n", summary.requests, summary.duration,
-    summary.errors.status + summary.errors.connect + summary.errors.read + summary.errors.write
-    + summary.errors.timeout, latency:percentile(50), latency:percentile(99), latency.max))
-end
-"""
 
 NOTES = """## Reading these figures
 
@@ -251,7 +221,7 @@ def _run_wrk(
     url: str, connections: int, duration: float, requests_file: Path
 ) -> tuple[float, float, float, int, float]:
     script = requests_file.with_suffix(".lua")
-    script.write_text(LUA)
+    script.write_text(wrk_script(once=False))
     threads = 1 if connections == 1 else 2
     command = [
         "wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(duration))}s",

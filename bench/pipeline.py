@@ -41,6 +41,7 @@ from bench._common import (
     processes,
     say,
     wait_for,
+    wrk_script,
 )
 from bench._events import paid_bodies, signed
 
@@ -61,37 +62,6 @@ NOTES = """
   other batches. p99 is therefore seconds, not milliseconds, at full load.
 - `failed_attempts` (in the JSON) counts retried job attempts by error type; a healthy run
   has none."""
-# Each wrk thread sends its own slice of the file once; past the end it repeats its last event
-# (a duplicate, answered but not counted) until the run is stopped.
-LUA = r"""
-local requests = {}
-local n = 0
-local i = 0
-local threads = 0
-function setup(thread)
-  thread:set("id", threads)
-  threads = threads + 1
-end
-function init(args)
-  local total = tonumber(args[2])
-  local k = 0
-  for line in io.lines(args[1]) do
-    if k % total == id then
-      local tab = line:find("\t", 1, true)
-      n = n + 1
-      requests[n] = wrk.format("POST", "/webhooks/stripe",
-        {["Content-Type"] = "application/json", ["Stripe-Signature"] = line:sub(1, tab - 1)},
-        line:sub(tab + 1))
-    end
-    k = k + 1
-  end
-end
-function request()
-  i = i + 1
-  if i > n then i = n end
-  return requests[i]
-end
-"""
 
 
 @dataclass
@@ -124,7 +94,7 @@ def run(kind: str, events: int, workers: int, scratch: Path) -> PipelineResult:
             invoice_ids.append(invoice_id)
             handle.write(signed(body, now).encode() + b"\t" + body + b"\n")
     script = scratch / "pipeline.lua"
-    script.write_text(LUA)
+    script.write_text(wrk_script(once=True))
     port = free_port()
     sink_type = PostfixSink if PostfixSink.available() else SmtpSink
     with sink_type() as sink, database(kind, scratch) as url:
