@@ -31,7 +31,7 @@ from billhook.config import Settings
 from billhook.store.engine import create_engine, transaction
 from billhook.store.invoices import ConcurrentUpdate, insert_invoices, invoice_columns
 from billhook.store.migrate import upgrade
-from billhook.store.schema import effects, invoice_transitions, invoices
+from billhook.store.schema import charge_links, effects, invoice_transitions, invoices
 from test_billing_properties import deliveries
 
 SETTINGS = Settings(database_url="sqlite:///unused.db")
@@ -118,6 +118,40 @@ def test_any_cut_into_batches_stores_what_one_at_a_time_stores(
         refused_batched = apply_in(batched, batches)
         assert refused_batched == refused_alone
         assert stored(batched) == stored(one_by_one)
+
+
+@pytest.mark.postgres
+@given(delivery=deliveries(), cuts=st.lists(st.integers(0, 40), max_size=8))
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.function_scoped_fixture,  # the tables are emptied for every example
+    ],
+)
+def test_batches_on_postgresql_store_what_one_at_a_time_stores_on_sqlite(
+    postgres_url: str, delivery: Any, cuts: list[int]
+) -> None:
+    """PostgreSQL writes a batch through its own statements (arrays through `unnest`); what
+    they store must be what SQLite stores one event at a time."""
+    _history, order = delivery
+    events = [charge_only(e) for e in order]
+    bounds = sorted({0, len(events), *(c for c in cuts if c < len(events))})
+    batches = [events[a:b] for a, b in itertools.pairwise(bounds)]
+    batched = create_engine(postgres_url)
+    try:
+        with transaction(batched) as connection:
+            for table in (effects, invoice_transitions, charge_links, invoices):
+                connection.execute(table.delete())
+        with scratch_sqlite() as one_by_one:
+            refused_alone = apply_in(one_by_one, [[e] for e in events])
+            refused_batched = apply_in(batched, batches)
+            assert refused_batched == refused_alone
+            assert stored(batched) == stored(one_by_one)
+    finally:
+        batched.dispose()
 
 
 def paid(invoice: str, charge: str, event_id: str) -> BillingEvent:

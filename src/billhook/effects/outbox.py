@@ -7,10 +7,11 @@ from typing import Any, Protocol
 
 import orjson
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from billhook.config import Settings
+from billhook.store import batch_writes
+from billhook.store.batch_writes import write_many
 from billhook.store.schema import effects
 
 WEBHOOK_KEY_SUFFIX = ":webhook"
@@ -91,14 +92,10 @@ def effect_rows(
 
 def insert_effects(connection: Connection, rows: list[dict[str, Any]]) -> int:
     """Insert outbox rows, skipping keys the outbox already holds; returns the rows inserted."""
-    if not rows:
-        return 0
-    if connection.dialect.name == "postgresql":
-        # One multi-row INSERT ... RETURNING (psycopg reports no row count for executemany).
-        return len(connection.execute(_INSERT_EFFECT_RETURNING, rows).all())
-    # SQLite: a plain executemany, one statement text whatever the batch size (the driver
-    # caches a prepared statement per text); its row count leaves out the keys skipped.
-    return int(connection.execute(_INSERT_EFFECT_SQLITE, rows).rowcount)
+    # One statement text whatever the batch size; the row count leaves out the keys skipped.
+    return write_many(
+        connection, _INSERT_EFFECTS, [tuple(row[c] for c in _COLUMNS) for row in rows]
+    )
 
 
 def effects_backlog(engine: Engine) -> int:
@@ -112,13 +109,21 @@ def effects_backlog(engine: Engine) -> int:
     return int(count)
 
 
-# Built once per dialect (index: `dialect is postgresql`): building the insert per event cost
-# more CPU than running it.
-_INSERT_EFFECT_SQLITE = sqlite.insert(effects).on_conflict_do_nothing(
-    index_elements=[effects.c.idempotency_key]
-)
-_INSERT_EFFECT_RETURNING = (
-    postgresql.insert(effects)
-    .on_conflict_do_nothing(index_elements=[effects.c.idempotency_key])
-    .returning(effects.c.id)
+# name: PostgreSQL type, in the order the written tuples give them.
+_COLUMNS = {
+    "idempotency_key": "text",
+    "kind": "text",
+    "channel": "text",
+    "invoice_id": "text",
+    "event_pk": "int8",
+    "payload": "text",
+    "state": "text",
+    "attempts": "int4",
+    "max_attempts": "int4",
+    "resends": "int4",
+    "run_at": "float8",
+    "created_at": "float8",
+}
+_INSERT_EFFECTS = batch_writes.insert(
+    "effects", _COLUMNS, suffix=" ON CONFLICT (idempotency_key) DO NOTHING"
 )

@@ -19,6 +19,8 @@ from sqlalchemy.engine import Connection
 
 from billhook.billing import Change, InvoiceState, summarize
 from billhook.errors import BillhookError
+from billhook.store import batch_writes
+from billhook.store.batch_writes import BatchWrite, write_many
 from billhook.store.engine import among_per_dialect
 from billhook.store.schema import charge_links, events, invoice_transitions, invoices
 
@@ -144,7 +146,9 @@ def transition_rows(
 
 def insert_transitions(connection: Connection, rows: list[dict[str, Any]]) -> None:
     if rows:
-        connection.execute(_INSERT_TRANSITION, rows)
+        write_many(
+            connection, _TRANSITIONS, [tuple(row[c] for c in _TRANSITION_COLUMNS) for row in rows]
+        )
 
 
 def insert_invoices(connection: Connection, rows: list[dict[str, Any]], *, now: float) -> None:
@@ -153,10 +157,9 @@ def insert_invoices(connection: Connection, rows: list[dict[str, Any]], *, now: 
     `ConcurrentUpdate` when another writer created one of them first: nothing is kept then."""
     if not rows:
         return
-    params = [{**row, "version": 1, "created_at": now} for row in rows]
+    params = [(row["id"], row["source"], *(row[c] for c in _SUMMARY_NAMES), 1, now) for row in rows]
     try:
-        # A plain executemany: one statement text whatever the batch size.
-        connection.execute(_INSERT_INVOICES, params)
+        write_many(connection, _INVOICES, params)
     except sa.exc.IntegrityError as exc:
         raise ConcurrentUpdate(
             f"one of {len(rows)} new invoices was created concurrently; retry on the fresh state"
@@ -170,16 +173,15 @@ def update_invoices(
     if not rows:
         return
     params = [
-        {
-            "invoice_id": seen.state.invoice_id,
-            "seen_version": seen.version,
-            "version": seen.version + 1,
-            **columns,
-        }
+        (
+            *(columns[c] for c in _SUMMARY_NAMES),
+            seen.version + 1,
+            seen.state.invoice_id,
+            seen.version,
+        )
         for seen, columns in rows
     ]
-    result = connection.execute(_UPDATE_INVOICE, params)
-    if result.rowcount != len(params):
+    if write_many(connection, _UPDATES, params) != len(params):
         moved = rows[0][0].state.invoice_id if len(rows) == 1 else "an invoice"
         raise ConcurrentUpdate(f"{moved} changed while this event was applied")
 
@@ -191,12 +193,8 @@ def link_charge(connection: Connection, charge_id: str, invoice_id: str, now: fl
 def link_charges(connection: Connection, links: dict[str, str], now: float) -> None:
     """Record charge -> invoice links; a charge already linked keeps its invoice."""
     if links:
-        connection.execute(
-            _LINK_CHARGE[connection.dialect.name == "postgresql"],
-            [
-                {"charge_id": charge, "invoice_id": invoice, "created_at": now}
-                for charge, invoice in links.items()
-            ],
+        write_many(
+            connection, _LINKS, [(charge, invoice, now) for charge, invoice in links.items()]
         )
 
 
@@ -274,30 +272,50 @@ _INSERT_INVOICE = tuple(
     .returning(invoices.c.id)
     for dialect in (sqlite, postgresql)
 )
-_INSERT_INVOICES = invoices.insert().values(
-    {
-        name: sa.bindparam(name)
-        for name in ("id", "source", "version", "created_at", *_SUMMARY_NAMES)
-    }
+
+# name: PostgreSQL type, in the order the written tuples give them.
+_SUMMARY_TYPES = {
+    "number": "text",
+    "status": "text",
+    "disputed": "bool",
+    "currency": "text",
+    "amount_due": "int8",
+    "amount_paid": "int8",
+    "amount_refunded": "int8",
+    "customer_email": "text",
+    "state": "text",
+    "attention": "text",
+    "updated_at": "float8",
+}
+_INVOICES = batch_writes.insert(
+    "invoices",
+    {"id": "text", "source": "text", **_SUMMARY_TYPES, "version": "int4", "created_at": "float8"},
 )
-_UPDATE_INVOICE = (
-    invoices.update()
-    .where(
-        invoices.c.id == sa.bindparam("invoice_id", type_=sa.String()),
-        invoices.c.version == sa.bindparam("seen_version", type_=sa.Integer()),
-    )
-    .values({name: sa.bindparam(name) for name in ("version", *_SUMMARY_NAMES)})
+# Each row under its version check; the row count says whether every one was still as read.
+_UPDATED = {**_SUMMARY_TYPES, "version": "int4", "id": "text", "seen_version": "int4"}
+_UPDATES = BatchWrite(
+    "UPDATE invoices SET "
+    + ", ".join(f"{name} = ?" for name in (*_SUMMARY_NAMES, "version"))
+    + " WHERE id = ? AND version = ?",
+    "UPDATE invoices AS i SET "
+    + ", ".join(f"{name} = v.{name}" for name in (*_SUMMARY_NAMES, "version"))
+    + f" FROM unnest({batch_writes.arrays(_UPDATED)}) AS v({', '.join(_UPDATED)})"
+    + " WHERE i.id = v.id AND i.version = v.seen_version",
+    batch_writes.floats(_UPDATED),
 )
-_INSERT_TRANSITION = invoice_transitions.insert()
-_LINK_CHARGE = tuple(
-    dialect.insert(charge_links)
-    .values(
-        charge_id=sa.bindparam("charge_id"),
-        invoice_id=sa.bindparam("invoice_id"),
-        created_at=sa.bindparam("created_at"),
-    )
-    .on_conflict_do_nothing(index_elements=[charge_links.c.charge_id])
-    for dialect in (sqlite, postgresql)
+_TRANSITION_COLUMNS = {
+    "invoice_id": "text",
+    "event_pk": "int8",
+    "from_status": "text",
+    "to_status": "text",
+    "reason": "text",
+    "at": "float8",
+}
+_TRANSITIONS = batch_writes.insert("invoice_transitions", _TRANSITION_COLUMNS)
+_LINKS = batch_writes.insert(
+    "charge_links",
+    {"charge_id": "text", "invoice_id": "text", "created_at": "float8"},
+    suffix=" ON CONFLICT (charge_id) DO NOTHING",
 )
 _CHARGES_INVOICES = tuple(
     sa.select(charge_links.c.charge_id, charge_links.c.invoice_id).where(among)
