@@ -202,6 +202,43 @@ def test_a_refused_event_fails_alone_and_a_batch_sees_its_own_links(engine: Engi
     assert keys == {"payment_receipt:in_1", "refund_notice:in_1:re_1", "payment_receipt:in_2"}
 
 
+@pytest.mark.parametrize("refund_follows", [False, True])
+def test_a_charge_already_linked_keeps_its_invoice(engine: Engine, refund_follows: bool) -> None:
+    """A later invoice naming a charge already linked (links are read only for events that
+    name no invoice) leaves the stored link alone, and a refund of that charge in the same
+    batch goes to the first invoice."""
+    with transaction(engine) as connection:
+        apply_events(
+            connection,
+            [Arrived(paid("in_1", "ch_1", "e1"), "standard", None)],
+            settings=SETTINGS,
+            now=NOW,
+        )
+    refund = BillingEvent(
+        source="standard",
+        event_id="e_refund",
+        type=EventKind.REFUNDED,
+        raw_type="charge.refunded",
+        occurred_at=NOW + 1,
+        invoice_id=None,
+        charge_id="ch_1",
+        refunds=(Refund("re_1", 500),),
+    )
+    batch = [paid("in_2", "ch_1", "e2"), *([refund] if refund_follows else [])]
+    with transaction(engine) as connection:
+        outcomes = apply_events(
+            connection, [Arrived(e, "standard", None) for e in batch], settings=SETTINGS, now=NOW
+        )
+    assert outcomes == [None] * len(batch)
+    with engine.connect() as connection:
+        links = dict(
+            connection.execute(sa.select(charge_links.c.charge_id, charge_links.c.invoice_id)).all()
+        )
+        statuses = dict(connection.execute(sa.select(invoices.c.id, invoices.c.status)).all())
+    assert links == {"ch_1": "in_1"}
+    assert statuses == {"in_1": "refunded" if refund_follows else "paid", "in_2": "paid"}
+
+
 def test_an_invoice_created_by_another_writer_refuses_the_whole_batch(engine: Engine) -> None:
     with transaction(engine) as connection:
         apply_events(

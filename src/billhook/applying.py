@@ -79,8 +79,14 @@ def apply_events(
     """Apply `batch` in order inside the caller's transaction; one slot per event: None when
     it is applied (or was already), else the reason it was not."""
     outcomes: list[Exception | None] = [None] * len(batch)
+    # Only events that name a charge and no invoice need the stored links. A link an event of
+    # this batch makes for a charge not read here is inserted as `ON CONFLICT DO NOTHING`, so a
+    # charge already linked keeps its invoice whether or not it was read.
     links = charge_invoices(
-        connection, sorted({a.event.charge_id for a in batch if a.event.charge_id})
+        connection,
+        sorted(
+            {a.event.charge_id for a in batch if a.event.charge_id and a.event.invoice_id is None}
+        ),
     )
     new_links: dict[str, str] = {}
     resolved: list[BillingEvent | None] = []

@@ -506,11 +506,20 @@ class _Known:
 
     @classmethod
     def read(cls, connection: Connection, batch: Sequence[BillingEvent]) -> _Known:
-        links = charge_invoices(connection, sorted({e.charge_id for e in batch if e.charge_id}))
+        charge_only = {e.charge_id for e in batch if e.charge_id and e.invoice_id is None}
+        links = charge_invoices(connection, sorted(charge_only))
         ids = {e.invoice_id or links.get(e.charge_id or "") for e in batch} - {None, ""}
         stored = load_invoices(connection, [i for i in ids if i], lock=False)
         # An unreadable state is left out: the full path reports it.
         states = {i: read.state for i, read in stored.items() if isinstance(read, StoredInvoice)}
+        # An event naming its invoice and a charge is applied only once the link is stored too;
+        # that matters only where its invoice is stored (else it is not applied anyway).
+        linking = {
+            e.charge_id
+            for e in batch
+            if e.charge_id and e.invoice_id in states and e.charge_id not in links
+        }
+        links.update(charge_invoices(connection, sorted(linking)))
         return cls(states, links)
 
     def already_applied(self, event: BillingEvent) -> bool:
