@@ -13,12 +13,10 @@ import contextlib
 import fcntl
 import os
 import queue
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -27,6 +25,7 @@ from billhook.errors import BillhookError, StoreUnavailable
 from billhook.observability import get_logger
 from billhook.sources import IncomingEvent
 from billhook.store.events import Arrival, Recorded, record_batch
+from billhook.store.wal_checkpoints import WRITER_AUTOCHECKPOINT_PAGES, WalCheckpointer
 
 MAX_BATCH = 256
 
@@ -56,7 +55,7 @@ class EventWriter:
         self._write_lock_fd: int | None = None
         self._connection: Connection | None = None
         database = _sqlite_file(engine)
-        self._checkpointer = _Checkpointer(database) if database is not None else None
+        self._checkpointer = WalCheckpointer(database) if database is not None else None
 
     async def store(self, event: IncomingEvent, received_at: float) -> Recorded:
         """Return once the delivery is committed; raise `StoreUnavailable` if it cannot be."""
@@ -136,7 +135,7 @@ class EventWriter:
             return
         _settle([(p, r, None) for p, r in zip(batch, results, strict=True)])
         if self._checkpointer is not None:
-            self._checkpointer.poke()
+            self._checkpointer.committed()
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[Connection]:
@@ -148,7 +147,7 @@ class EventWriter:
         """
         try:
             if self._connection is None:
-                self._connection = self._engine.connect()
+                self._connection = self._open_connection()
             connection = self._connection
             with connection.begin():
                 yield connection
@@ -161,6 +160,14 @@ class EventWriter:
             if self._connection is not None and self._connection.invalidated:
                 self._drop_connection()
             raise
+
+    def _open_connection(self) -> Connection:
+        connection = self._engine.connect()
+        if self._checkpointer is not None:
+            # This writer's commits leave checkpoints to the checkpointer thread.
+            connection.exec_driver_sql(f"PRAGMA wal_autocheckpoint={WRITER_AUTOCHECKPOINT_PAGES}")
+            connection.commit()
+        return connection
 
     def _drop_connection(self) -> None:
         connection, self._connection = self._connection, None
@@ -207,68 +214,6 @@ def _sqlite_file(engine: Engine) -> str | None:
 def _write_lock_path(engine: Engine) -> str | None:
     database = _sqlite_file(engine)
     return None if database is None else database + "-ingest-lock"
-
-
-class _Checkpointer:
-    """Copies committed WAL pages into the SQLite database file beside the writer, not in its way.
-
-    SQLite checkpoints from inside the COMMIT that fills the WAL past its threshold (1,000 pages):
-    every few group commits, one of them also wrote ~4 MB into the database file and synced it,
-    and the whole batch waited. This thread runs a PASSIVE checkpoint after each commit (it never
-    blocks a writer, and is skipped while one runs), so the commit's own checkpoint finds the
-    pages already copied. Durability is unchanged: the WAL is synced at every commit, and the
-    database file is synced before SQLite reuses the WAL.
-    """
-
-    def __init__(self, database: str) -> None:
-        self._database = database
-        self._wake = threading.Event()
-        self._stopping = False
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(
-            target=self._run, name="billhook-checkpointer", daemon=True
-        )
-        self._thread.start()
-
-    def poke(self) -> None:
-        self._wake.set()
-
-    def close(self) -> None:
-        self._stopping = True
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-
-    def _run(self) -> None:
-        connection: sqlite3.Connection | None = None
-        try:
-            while True:
-                self._wake.wait()
-                self._wake.clear()
-                if self._stopping:
-                    return
-                try:
-                    if connection is None:
-                        # mode=rw: never create a database file that is not there.
-                        connection = sqlite3.connect(
-                            Path(self._database).resolve().as_uri() + "?mode=rw",
-                            uri=True,
-                            isolation_level=None,
-                            timeout=0,
-                        )
-                        connection.execute("PRAGMA synchronous=FULL")
-                    connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                except sqlite3.Error:
-                    # The commit's own checkpoint still runs; try afresh at the next commit.
-                    if connection is not None:
-                        connection.close()
-                    connection = None
-        finally:
-            if connection is not None:
-                connection.close()
 
 
 def _first_line(exc: BaseException) -> str:
