@@ -206,7 +206,13 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_jobs_event_pk"), ["event_pk"], unique=False)
-        batch_op.create_index(batch_op.f("ix_jobs_ordering_key"), ["ordering_key"], unique=False)
+        batch_op.create_index(
+            "ix_jobs_eventless_key",
+            ["ordering_key"],
+            unique=False,
+            sqlite_where=sa.text("event_pk IS NULL"),
+            postgresql_where=sa.text("event_pk IS NULL"),
+        )
         batch_op.create_index(
             "ix_jobs_waiting_key",
             ["ordering_key", "order_ts", "id"],
@@ -326,7 +332,11 @@ def downgrade() -> None:
             sqlite_where=sa.text("state IN ('available', 'retryable')"),
             postgresql_where=sa.text("state IN ('available', 'retryable')"),
         )
-        batch_op.drop_index(batch_op.f("ix_jobs_ordering_key"))
+        batch_op.drop_index(
+            "ix_jobs_eventless_key",
+            sqlite_where=sa.text("event_pk IS NULL"),
+            postgresql_where=sa.text("event_pk IS NULL"),
+        )
         batch_op.drop_index(batch_op.f("ix_jobs_event_pk"))
 
     op.drop_table("jobs")
