@@ -6,6 +6,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from billhook.ops import replay as replay_module
+from billhook.ops.replay_selection import load_events
 from billhook.store.engine import transaction
 from billhook.store.schema import effects, events, invoices
 from test_replay import E1, E2, INVOICE, process, run, store
@@ -59,3 +60,20 @@ def test_a_replay_run_twice_applies_each_group_once(engine: Engine) -> None:
     with engine.connect() as connection:
         receipts = connection.execute(sa.select(sa.func.count()).select_from(effects)).scalar()
     assert receipts == 7
+
+
+def test_stored_events_are_read_back_in_the_order_asked_bodies_as_stored(engine: Engine) -> None:
+    """`load_events` reads with driver SQL (ids as one JSON text on SQLite, one array and
+    binary results on PostgreSQL): bodies come back byte for byte, in the order of the ids
+    asked, unknown ids left out."""
+    store(engine, E1, E2)
+    with engine.connect() as connection:
+        stored = dict(connection.execute(sa.select(events.c.event_id, events.c.id)).all())
+        bodies = dict(connection.execute(sa.select(events.c.id, events.c.body)).all())
+        asked = [stored["e2"], 10_000, stored["e1"], stored["e2"]]
+        loaded = load_events(connection, asked)
+        assert load_events(connection, []) == []
+    assert [e.event_id for e in loaded] == ["e2", "e1", "e2"]
+    assert [e.body for e in loaded] == [bodies[e.pk] for e in loaded]
+    assert all(type(e.body) is bytes and e.outcome is None for e in loaded)
+    assert [e.type for e in loaded] == ["invoice.paid", "invoice.finalized", "invoice.paid"]

@@ -60,6 +60,7 @@ from billhook.ops.replay_selection import (
     plan_replay,
 )
 from billhook.processing import Processor, decode_event
+from billhook.store.batch_writes import BatchWrite, write_many
 from billhook.store.engine import transaction
 from billhook.store.invoices import (
     ConcurrentUpdate,
@@ -70,7 +71,7 @@ from billhook.store.invoices import (
     record_changes,
     save_invoice,
 )
-from billhook.store.schema import effects, events
+from billhook.store.schema import effects
 
 __all__ = [
     "EXIT_EVENTS_FAILED",
@@ -471,11 +472,17 @@ def _rebuilt_change(fold: RebuildFold, diff: InvoiceDiff) -> Change:
 
 
 def _mark(connection: Connection, event_pks: Sequence[int], outcome: str, now: float) -> None:
-    connection.execute(
-        events.update()
-        .where(events.c.id.in_(list(event_pks)))
-        .values(outcome=outcome, processed_at=now)
-    )
+    write_many(connection, _MARK, [(outcome, now, pk) for pk in event_pks])
+
+
+# One fixed statement text whatever the number of events (see `store.batch_writes`).
+_MARK = BatchWrite(
+    "UPDATE events SET outcome = ?, processed_at = ? WHERE id = ?",
+    "UPDATE events AS e SET outcome = v.outcome, processed_at = v.processed_at "
+    "FROM unnest(%b::text[], %b::float8[], %b::int8[]) AS v(outcome, processed_at, id) "
+    "WHERE e.id = v.id",
+    floats=(1,),
+)
 
 
 @dataclass(frozen=True)

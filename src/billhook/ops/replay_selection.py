@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
@@ -137,23 +138,42 @@ def plan_replay(engine: Engine, selection: Selection) -> ReplayPlan:
 
 def load_events(connection: Connection, pks: Sequence[int]) -> list[StoredEvent]:
     """The stored events with these primary keys, in the order given."""
-    rows = connection.execute(
-        sa.select(
-            events.c.id,
-            events.c.source,
-            events.c.event_id,
-            events.c.type,
-            events.c.body,
-            events.c.outcome,
-        ).where(events.c.id.in_(list(pks)))
-    ).all()
+    # Driver SQL with one fixed text per dialect (the ids as one JSON text on SQLite, one
+    # array on PostgreSQL): no statement to render per chunk size, no result processing.
+    rows: Sequence[Any]
+    if connection.dialect.name == "postgresql":
+        rows = _fetch_binary(connection, _LOAD_EVENTS_POSTGRES, (list(pks),))
+    else:
+        rows = connection.exec_driver_sql(_LOAD_EVENTS_SQLITE, (orjson.dumps(list(pks)),)).all()
     by_pk = {
-        row.id: StoredEvent(
-            row.id, row.source, row.event_id, row.type, bytes(row.body), row.outcome
-        )
-        for row in rows
+        pk: StoredEvent(pk, source, event_id, type_, bytes(body), outcome)
+        for pk, source, event_id, type_, body, outcome in rows
     }
     return [by_pk[pk] for pk in pks if pk in by_pk]
+
+
+def _fetch_binary(connection: Connection, sql: str, params: tuple[Any, ...]) -> list[Any]:
+    """Rows in PostgreSQL's binary format: a bytea arrives as it is stored, where the text
+    format sends it hex-encoded at twice its size (500 bodies of 4 KB: 45 -> 22 us each).
+    SQLAlchemy has no option for binary results, so this goes through the driver's cursor,
+    in the connection's transaction; driver errors are wrapped as SQLAlchemy wraps them."""
+    dbapi: Any = connection.connection.dbapi_connection
+    error: type[Exception] = connection.dialect.loaded_dbapi.Error
+    try:
+        with dbapi.cursor(binary=True) as cursor:
+            cursor.execute(sql, params)
+            return list(cursor.fetchall())
+    except error as exc:
+        raise sa.exc.DBAPIError.instance(
+            sql, params, exc, error, dialect=connection.dialect
+        ) from exc
+
+
+_EVENT_COLUMNS = "id, source, event_id, type, body, outcome"
+_LOAD_EVENTS_SQLITE = (
+    f"SELECT {_EVENT_COLUMNS} FROM events WHERE id IN (SELECT value FROM json_each(?))"
+)
+_LOAD_EVENTS_POSTGRES = f"SELECT {_EVENT_COLUMNS} FROM events WHERE id = ANY(%b::int8[])"
 
 
 def chunks(values: Sequence[int], size: int = CHUNK) -> Iterator[Sequence[int]]:
