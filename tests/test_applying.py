@@ -28,6 +28,7 @@ from billhook.applying import Arrived, InvoiceNotYetKnown, apply_events
 from billhook.billing import BillingEvent, EventKind, apply
 from billhook.billing.events import Refund
 from billhook.config import Settings
+from billhook.effects.outbox import effect_rows, insert_effects
 from billhook.store.engine import create_engine, transaction
 from billhook.store.invoices import ConcurrentUpdate, insert_invoices, invoice_columns
 from billhook.store.migrate import upgrade
@@ -152,6 +153,51 @@ def test_batches_on_postgresql_store_what_one_at_a_time_stores_on_sqlite(
             assert stored(batched) == stored(one_by_one)
     finally:
         batched.dispose()
+
+
+def test_a_long_batch_stores_what_one_at_a_time_stores(engine: Engine) -> None:
+    """A batch of over a hundred rows per table, as replay's groups and the worker's batches
+    write them; the outbox counts only the keys it did not hold."""
+    count = 107
+    paids = [paid(f"in_{n:03}", f"ch_{n:03}", f"e_paid_{n}") for n in range(count)]
+    refunds = [
+        BillingEvent(
+            source="standard",
+            event_id=f"e_refund_{n}",
+            type=EventKind.REFUNDED,
+            raw_type="charge.refunded",
+            occurred_at=NOW + 1,
+            invoice_id=None,
+            charge_id=f"ch_{n:03}",
+            refunds=(Refund(f"re_{n}", 100),),
+        )
+        for n in range(0, count, 2)
+    ]
+    events = [*paids, *refunds, *paids[:9]]
+    with scratch_sqlite() as one_by_one:
+        apply_in(one_by_one, [[e] for e in events])
+        apply_in(engine, [events])
+        assert stored(engine) == stored(one_by_one)
+    rows = effect_rows(
+        [apply(None, e).effects[0] for e in paids[:53]],
+        invoice_id=None,
+        event_pk=None,
+        now=NOW,
+        settings=SETTINGS,
+    )
+    fresh = effect_rows(
+        [
+            replace(apply(None, e).effects[0], idempotency_key=f"new:{n}")
+            for n, e in enumerate(paids)
+        ],
+        invoice_id=None,
+        event_pk=None,
+        now=NOW,
+        settings=SETTINGS,
+    )
+    with transaction(engine) as connection:
+        assert insert_effects(connection, rows) == 0  # every key already in the outbox
+        assert insert_effects(connection, [*rows[:5], *fresh, *rows[5:]]) == len(fresh)
 
 
 def paid(invoice: str, charge: str, event_id: str) -> BillingEvent:
