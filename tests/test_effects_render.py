@@ -4,6 +4,7 @@ the same message (compat32 MIME classes, CRLF): generated headers and bodies, fo
 from __future__ import annotations
 
 import email
+import os
 from email.message import EmailMessage
 from email.policy import default as default_policy
 from pathlib import Path
@@ -13,10 +14,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from billhook.config import Settings
+from billhook.effects import render
 from billhook.effects.render import (
     _WIRE_POLICY,
     EffectUnsendable,
     _ascii_wire,
+    _fold_words,
     compat32_message,
     message_id,
     render_email,
@@ -98,3 +101,56 @@ def test_a_line_break_in_the_address_is_unsendable_not_an_injected_header(tmp_pa
             created_at=1.0,
             settings=settings_,
         )
+
+
+words = st.lists(
+    st.text(st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=90),
+    min_size=1,
+    max_size=14,
+)
+
+
+@settings(max_examples=1000)
+@given(words=words, name=st.sampled_from(["Subject", "To", "X-Billhook-Idempotency-Key"]))
+def test_folding_words_is_what_compat32_writes(words: list[str], name: str) -> None:
+    value = " ".join(words)
+    folded = _fold_words(name, value)
+    if folded is not None:  # None: compat32 folds it (a ";" or ",", a long first word)
+        assert folded == _WIRE_POLICY.fold_binary(name, value)
+
+
+def test_a_long_plain_subject_takes_the_direct_fold() -> None:
+    subject = "Receipt for invoice ABCD-0001 (in_1234567890abcdef12345678): $19.99 paid"
+    folded = _fold_words("Subject", subject)
+    assert folded is not None and folded == _WIRE_POLICY.fold_binary("Subject", subject)
+
+
+def test_an_edited_template_is_used_without_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    templates = tmp_path / "templates"
+    templates.mkdir()
+    source = templates / "payment_receipt.subject.j2"
+    source.write_text("First {{ invoice_id }}")
+    settings_ = Settings(
+        database_url="sqlite://", data_dir=str(tmp_path), templates_dir=str(templates)
+    )
+
+    def subject() -> str:
+        rendered = render_email(
+            kind="payment_receipt",
+            idempotency_key="payment_receipt:in_edit",
+            payload={"invoice_id": "in_edit", "currency": "usd", "amount": 100},
+            recipient="jane@example.com",
+            created_at=1.0,
+            settings=settings_,
+        )
+        return str(email.message_from_bytes(rendered.raw)["Subject"])
+
+    assert subject() == "First in_edit"
+    source.write_text("Second {{ invoice_id }}")
+    stamp = source.stat().st_mtime + 5
+    os.utime(source, (stamp, stamp))
+    # Compiled templates are looked at again once TEMPLATE_RECHECK_SECONDS have passed.
+    monkeypatch.setattr(render, "TEMPLATE_RECHECK_SECONDS", 0.0)
+    assert subject() == "Second in_edit"

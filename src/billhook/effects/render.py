@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
@@ -103,10 +104,10 @@ def render_email(
         "customer_email": recipient,
         "idempotency_key": idempotency_key,
     }
-    environment = _environment(settings.templates_dir)
-    subject = " ".join(_render(environment, f"{kind}.subject.j2", context).split())
-    text = _render(environment, f"{kind}.txt.j2", context)
-    html = _render(environment, f"{kind}.html.j2", context)
+    templates = settings.templates_dir
+    subject = " ".join(_render(templates, f"{kind}.subject.j2", context).split())
+    text = _render(templates, f"{kind}.txt.j2", context)
+    html = _render(templates, f"{kind}.html.j2", context)
 
     digest = _digest(idempotency_key)
     headers = {
@@ -193,9 +194,39 @@ def _subject_value(subject: str) -> str:
 
 def _header_line(name: str, value: str) -> bytes:
     # compat32 leaves a printable ASCII line that fits in 78 characters as it is.
-    if len(name) + len(value) + 2 <= _MAX_LINE and value.isascii() and value.isprintable():
-        return f"{name}: {value}\r\n".encode("ascii")
+    if value.isascii() and value.isprintable():
+        if len(name) + len(value) + 2 <= _MAX_LINE:
+            return f"{name}: {value}\r\n".encode("ascii")
+        folded = _fold_words(name, value)
+        if folded is not None:
+            return folded
     return _WIRE_POLICY.fold_binary(name, value)
+
+
+def _fold_words(name: str, value: str) -> bytes | None:
+    """compat32's fold of a long printable ASCII value of single-space-separated words, or None
+    when the value is not that simple (compat32 then folds it: about 25 us a subject).
+
+    For such a value compat32 (`Header.encode`, splitchars ";, \t") breaks greedily before the
+    word that would take the line past 78 characters, the space starting the continuation line;
+    a ";" or "," would move the break, and a first word too long for the first line puts it on a
+    line of its own: those go to compat32.
+    """
+    if ";" in value or "," in value:
+        return None
+    words = value.split(" ")
+    if "" in words or len(name) + 2 + len(words[0]) > _MAX_LINE:
+        return None
+    lines = []
+    line = f"{name}: {words[0]}"
+    for word in words[1:]:
+        if len(line) + 1 + len(word) > _MAX_LINE:
+            lines.append(line)
+            line = " " + word
+        else:
+            line += " " + word
+    lines.append(line)
+    return ("\r\n".join(lines) + "\r\n").encode("ascii")
 
 
 def _base64_lines(body: str) -> bytes:
@@ -224,9 +255,9 @@ def _international_message(
     return message
 
 
-def _render(environment: jinja2.Environment, name: str, context: Mapping[str, Any]) -> str:
+def _render(templates_dir: str, name: str, context: Mapping[str, Any]) -> str:
     try:
-        return environment.get_template(name).render(context)
+        return _template(templates_dir, name).render(context)
     except jinja2.TemplateNotFound as exc:
         raise EffectUnsendable(
             f"no email template {name!r} for this effect kind; add it to the templates directory "
@@ -236,6 +267,25 @@ def _render(environment: jinja2.Environment, name: str, context: Mapping[str, An
         raise EffectUnsendable(
             f"email template {name!r} failed: {exc}; fix it and redrive"
         ) from exc
+
+
+# Seconds a compiled template is used before its source is looked at again. Jinja's own check
+# (`get_template` with auto_reload) stats the file and takes a lock on every lookup, three times a
+# message, which cost more than rendering the templates. An edited template is still picked up
+# without a restart, within this long: "fix the template and redrive" keeps working.
+TEMPLATE_RECHECK_SECONDS = 1.0
+_templates: dict[tuple[str, str], tuple[jinja2.Template, float]] = {}
+
+
+def _template(templates_dir: str, name: str) -> jinja2.Template:
+    now = time.monotonic()
+    cached = _templates.get((templates_dir, name))
+    if cached is not None and now - cached[1] < TEMPLATE_RECHECK_SECONDS:
+        return cached[0]
+    # A missing template raises here and is not kept: adding it works at once.
+    template = _environment(templates_dir).get_template(name)
+    _templates[(templates_dir, name)] = (template, now)
+    return template
 
 
 @lru_cache(maxsize=8)
