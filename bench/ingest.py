@@ -80,29 +80,31 @@ NOTES = """## Reading these figures
 
 - One connection is bound by commit latency: every delivery waits for its own fsync
   (SQLite WAL with `synchronous=FULL`; PostgreSQL `fsync` on commit). Nothing to group.
-- At 32 connections each server process's `EventWriter` commits the deliveries that arrived
-  together in one transaction, written through the raw DBAPI cursor in four statements whatever
-  the batch (events insert `ON CONFLICT DO NOTHING RETURNING`, one `SELECT` of the ids of already
-  stored events, jobs insert, deliveries insert; on PostgreSQL in one psycopg pipeline); each
-  delivery is answered after its commit. POST /webhooks/* is answered by raw ASGI handlers ahead
-  of Starlette's middleware and router.
-- SQLite: a background thread runs PASSIVE WAL checkpoints after each commit, so the commit that
-  crosses the WAL threshold no longer copies ~4 MB into the database file while its batch waits.
+- At 32 connections each server process's `EventWriter` thread commits the deliveries that
+  arrived together in one transaction, on a connection it keeps: each turn of the event loop
+  hands its verified deliveries over as one item, and the writer takes everything handed over
+  since its last commit. Four statements whatever the batch (events insert `ON CONFLICT DO
+  NOTHING RETURNING`, the ids of already stored events, jobs insert, deliveries insert); on
+  PostgreSQL the first two are one statement, parameters are binary arrays, and the rest goes
+  in one psycopg pipeline. Each delivery is answered after its commit. POST /webhooks/* is
+  answered by raw ASGI handlers ahead of Starlette's middleware and router.
+- SQLite: the writer leaves checkpoints to a thread that copies the WAL into the database file
+  at most every 25 ms (`billhook.store.wal_checkpoints`), so no group commit waits for a 4 MB
+  copy and pages rewritten by many commits are copied once.
+- Every measured phase starts from a settled database (VACUUM ANALYZE on PostgreSQL, a WAL
+  checkpoint on SQLite), so no phase pays for the autovacuum of the previous one's rows.
 - duplicates: every delivery re-sends an event already stored (200 `duplicate`, delivery row,
   nothing enqueued, the event row untouched: delivery count and last-seen time are read from
-  `deliveries`); `duplicate cost` = time per duplicate / time per new event. In `record_many`
-  alone a duplicate costs a fifth of a new event on SQLite; over HTTP on PostgreSQL (2
-  processes) the cost ratio went from 1.5-1.8 to 1.05-1.4 when the row rewrite went away.
+  `deliveries`); `duplicate cost` = time per duplicate / time per new event.
 - The machine is shared with other work (see the load average): compare rows of one run with
   each other, not with other runs or machines.
-- Not met on this shared machine: >= 50% / 40% of the ceiling and p99 <= 10 ms. A group commit
-  of 32 events writes ~3 randomly placed index pages per event into the WAL (events
-  `(source, event_id)` and `ordering_key`, jobs `(ordering_key, state)`): dropping
-  `ix_events_ordering_key` measured +10-15% in `record_many` alone, dropping
-  `ix_jobs_ordering_key_state` as well +40%; both serve reads (explain, replay, the claim).
-- Server processes: 2 on PostgreSQL beat 1. On SQLite the ingest writers of several processes
-  take turns through an `flock` beside the database (p99 ~30 ms with 2, where SQLite's busy
-  handler gave ~1 s), but 2 answered no more than 1 here (the commits are the bound), so SQLite
+- Where a new event's cost goes (SQLite, `record_many` alone): ~5.6 WAL pages per event, of
+  which ~3 are randomly placed index pages (events `(source, event_id)` and `ordering_key`, the
+  claim's waiting-jobs index); the plain jobs index on `ordering_key` was dropped for that
+  reason (6.9 -> 5.6 pages). On the HTTP side, uvicorn's protocol and the socket writes that
+  wake the client are about half of the server's CPU per request.
+- Server processes: 2 on PostgreSQL. On SQLite the ingest writers of several processes take
+  turns through an `flock` beside the database, but 2 answered no more than 1 here, so SQLite
   stays at 1."""
 
 
@@ -290,6 +292,8 @@ def _measure(
 ) -> list[Result]:
     results = []
     for count in connections:
+        if database_url:
+            _settle_database(database_url)
         before = _stored_events(database_url) if database_url else 0
         # Enough unique events for the fastest plausible rate; beyond that they repeat (duplicates).
         requests = _signed_requests(int(duration * (3000 if count == 1 else 25000)))
@@ -318,6 +322,7 @@ def _measure_duplicates(
         record_many(engine, arrivals, now=now, max_attempts=3)  # stored once, before the load
     finally:
         engine.dispose()
+    _settle_database(database_url)
     path = workdir / f"dup-{uuid.uuid4().hex[:6]}.txt"
     rps, p50, p99, errors, _elapsed = _load(client, server.url, 32, duration, requests, path)
     result = Result(f"{name}, duplicates", 32, rps, 0.0, p50, p99, errors)
@@ -359,6 +364,24 @@ def _machine() -> str:
         f"uvicorn {uvicorn.__version__}, Starlette {starlette.__version__}, "
         f"psycopg {psycopg.__version__}"
     )
+
+
+def _settle_database(url: str) -> None:
+    """Start each measured phase from a settled database, so no phase pays for the last one's
+    leftovers: on PostgreSQL the autovacuum and analyze that tens of thousands of fresh rows
+    trigger (seen running through the next phase), on SQLite a WAL not yet copied back."""
+    from billhook.store.engine import create_engine
+
+    engine = create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        if engine.dialect.name == "postgresql":
+            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+                connection.exec_driver_sql("VACUUM ANALYZE")
+        else:
+            with engine.connect() as connection:
+                connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        engine.dispose()
 
 
 def _migrate(url: str) -> None:
