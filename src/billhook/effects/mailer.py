@@ -6,6 +6,10 @@ open between batches: a connection idle for longer than `_IDLE_CLOSE_SECONDS` is
 one opened, and a reused connection the server has dropped is replaced once, at MAIL, before
 anything of the message was sent (so that retry can never deliver it twice). A refusal (a 4xx/5xx
 answer) fails that message only: the transaction is reset and the connection kept for the next.
+
+When the server offers PIPELINING (RFC 2920), MAIL, RCPT and DATA go in one write and their
+three replies are read together: two round trips a message (envelope, content) instead of four.
+The content is only sent after DATA's 354, so a refusal of any of them still sends nothing of it.
 """
 
 from __future__ import annotations
@@ -60,24 +64,20 @@ class SmtpMailer:
 
     def send(self, message: OutgoingEmail, *, sender: str, recipient: str) -> None:
         options = ["SMTPUTF8", "BODY=8BITMIME"] if message.international else []
-        client = self._mail_from(sender, options, len(message.raw))
+        client = self._envelope(sender, recipient, options, len(message.raw))
+        # DATA was answered 354: the content, then the server's verdict on the message.
         try:
-            client.putcmd("rcpt", f"TO:{_quoted(recipient)}")
+            client.send(_content(message.raw))
             code, reply = client.getreply()
-            if code not in (250, 251):
-                raise smtplib.SMTPRecipientsRefused({recipient: (code, reply)})
-            code, reply = client.data(message.raw)
-            if code != 250:
-                raise smtplib.SMTPDataError(code, reply)
-        except (smtplib.SMTPResponseException, smtplib.SMTPRecipientsRefused):
-            # The server answered with a refusal: this message fails, the connection is fine.
-            self._reset(client)
-            raise
         except BaseException:
-            # Anything else (a dropped connection, a timeout mid-DATA): the session's state is
-            # unknown, so it is not reused.
+            # A dropped connection, a timeout mid-content: the session's state is unknown, so it
+            # is not reused.
             self.close()
             raise
+        if code != 250:
+            # The server refused the message: it fails, the connection is fine.
+            self._reset(client)
+            raise smtplib.SMTPDataError(code, reply)
         self._last_used = time.monotonic()
 
     def close(self) -> None:
@@ -89,43 +89,74 @@ class SmtpMailer:
         except (smtplib.SMTPException, OSError):
             client.close()
 
-    def _mail_from(self, sender: str, options: list[str], size: int) -> smtplib.SMTP:
-        """A connection on which MAIL FROM was accepted."""
+    def _envelope(self, sender: str, recipient: str, options: list[str], size: int) -> smtplib.SMTP:
+        """A connection on which MAIL, RCPT and DATA were accepted (DATA answered 354)."""
         if self._client is not None and time.monotonic() - self._last_used > _IDLE_CLOSE_SECONDS:
             self.close()
         reused = self._client is not None
         client = self._client if self._client is not None else self._open()
         try:
-            code, reply = self._mail(client, sender, options, size)
+            pipelined, mail = self._mail(client, sender, recipient, options, size)
         except (smtplib.SMTPServerDisconnected, OSError):
             self.close()
             if not reused:
                 raise
-            # The server dropped a connection we kept: nothing of this message was sent yet.
+            # The server dropped a connection we kept: no reply came, so nothing of this
+            # message was accepted, and its content was not sent.
             client = self._open()
             try:
-                code, reply = self._mail(client, sender, options, size)
+                pipelined, mail = self._mail(client, sender, recipient, options, size)
             except BaseException:
                 self.close()
                 raise
         except BaseException:
             self.close()
             raise
-        if code != 250:
+        try:
+            replies = [mail]
+            if pipelined:
+                # RCPT's and DATA's replies are read whatever MAIL got, to stay in step.
+                replies += [client.getreply(), client.getreply()]
+            elif mail[0] == 250:
+                client.putcmd("rcpt", f"TO:{_quoted(recipient)}")
+                replies.append(client.getreply())
+                if replies[-1][0] in (250, 251):
+                    client.putcmd("data")
+                    replies.append(client.getreply())
+        except BaseException:
+            self.close()
+            raise
+        refusal = _refusal(replies, sender, recipient)
+        if refusal is None:
+            return client
+        if len(replies) == 3 and replies[2][0] == 354:
+            # DATA accepted after a refused MAIL or RCPT (RFC 2920 forbids it): the server waits
+            # for content we will not send, so this session is not reused.
+            self.close()
+        else:
+            # A refusal fails this message only: RSET keeps the connection for the next.
             self._reset(client)
-            raise smtplib.SMTPSenderRefused(code, reply, sender)
-        return client
+        raise refusal
 
     def _mail(
-        self, client: smtplib.SMTP, sender: str, options: list[str], size: int
-    ) -> tuple[int, bytes]:
+        self, client: smtplib.SMTP, sender: str, recipient: str, options: list[str], size: int
+    ) -> tuple[bool, tuple[int, bytes]]:
+        """Send MAIL (and, when the server offers PIPELINING, RCPT and DATA with it: one round
+        trip instead of three, RFC 2920); returns whether it was pipelined and MAIL's reply."""
         client.ehlo_or_helo_if_needed()
         if options:
             # SMTPUTF8: smtplib's own MAIL checks the extension and switches the encoding.
-            return client.mail(sender, options)
+            return False, client.mail(sender, options)
         size_option = f" SIZE={size}" if client.does_esmtp and client.has_extn("size") else ""
-        client.putcmd("mail", f"FROM:{_quoted(sender)}{size_option}")
-        return client.getreply()
+        if not client.has_extn("pipelining"):
+            client.putcmd("mail", f"FROM:{_quoted(sender)}{size_option}")
+            return False, client.getreply()
+        mail_from, rcpt_to = _quoted(sender), _quoted(recipient)
+        if any(c in mail_from + rcpt_to for c in "\r\n"):
+            # As smtplib's putcmd refuses: a line break in an address must not end a command.
+            raise ValueError("an address contains a line break")
+        client.send(f"MAIL FROM:{mail_from}{size_option}\r\nRCPT TO:{rcpt_to}\r\nDATA\r\n")
+        return True, client.getreply()
 
     def _reset(self, client: smtplib.SMTP) -> None:
         """After a refusal: RSET keeps the connection for the next message, else drop it."""
@@ -153,6 +184,31 @@ class SmtpMailer:
             client.close()
             raise
         return client
+
+
+def _refusal(
+    replies: list[tuple[int, bytes]], sender: str, recipient: str
+) -> smtplib.SMTPException | None:
+    """The error for the first of MAIL, RCPT, DATA the server refused, else None."""
+    (mail_code, mail_reply), rest = replies[0], replies[1:]
+    if mail_code != 250:
+        return smtplib.SMTPSenderRefused(mail_code, mail_reply, sender)
+    if rest and rest[0][0] not in (250, 251):
+        return smtplib.SMTPRecipientsRefused({recipient: rest[0]})
+    if len(rest) == 2 and rest[1][0] != 354:
+        return smtplib.SMTPDataError(*rest[1])
+    return None
+
+
+def _content(raw: bytes) -> bytes:
+    """The message after DATA: dot-stuffed, ended by CRLF . CRLF (as `smtplib.SMTP.data`)."""
+    stuffed = _LEADING_DOT.sub(b"..", raw)
+    if not stuffed.endswith(b"\r\n"):
+        stuffed += b"\r\n"
+    return stuffed + b".\r\n"
+
+
+_LEADING_DOT = re.compile(rb"(?m)^\.")
 
 
 def _quoted(address: str) -> str:
