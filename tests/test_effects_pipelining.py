@@ -6,6 +6,7 @@ time; a dropped kept connection is replaced before anything of the message was s
 from __future__ import annotations
 
 import email
+import re
 import time
 from collections.abc import Iterator
 from email.message import Message
@@ -17,7 +18,7 @@ import sqlalchemy as sa
 from aiosmtpd.controller import Controller
 
 from billhook.effects import EffectDispatcher, effect_timeline
-from billhook.effects.mailer import SmtpMailer
+from billhook.effects.mailer import SmtpMailer, _content
 from billhook.effects.render import OutgoingEmail
 from billhook.store.engine import create_engine
 from billhook.store.schema import effects
@@ -205,3 +206,14 @@ def test_a_dropped_kept_connection_is_replaced_before_the_content_is_sent(
     (history,) = effect_timeline(engine, "in_after")
     assert [a.outcome for a in history.history] == ["sent"]
     engine.dispose()
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b".starts with a dot\r\nx", b"a\r\n.b\r\n..c\r\n", b"no dots at line starts. a.b\r\n", b""],
+)
+def test_content_is_dot_stuffed_and_ended_as_smtplib_does(raw: bytes) -> None:
+    expected = re.sub(rb"(?m)^\.", b"..", raw)
+    if expected[-2:] != b"\r\n":
+        expected += b"\r\n"
+    assert _content(raw) == expected + b".\r\n"

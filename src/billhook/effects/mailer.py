@@ -202,7 +202,8 @@ def _refusal(
 
 def _content(raw: bytes) -> bytes:
     """The message after DATA: dot-stuffed, ended by CRLF . CRLF (as `smtplib.SMTP.data`)."""
-    stuffed = _LEADING_DOT.sub(b"..", raw)
+    # The search is cheap; the substitution walks the message in Python-level regex steps.
+    stuffed = _LEADING_DOT.sub(b"..", raw) if raw[:1] == b"." or b"\n." in raw else raw
     if not stuffed.endswith(b"\r\n"):
         stuffed += b"\r\n"
     return stuffed + b".\r\n"
