@@ -9,6 +9,7 @@ the same key.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,13 +20,17 @@ from sqlalchemy.engine import Connection, Engine
 from billhook.effects.metrics import EFFECTS_DEAD, EFFECTS_RESENT
 from billhook.observability import get_logger
 from billhook.queue.claims import PAUSED_KEY
-from billhook.store.engine import transaction
+from billhook.store.engine import among_per_dialect, transaction
 from billhook.store.schema import effect_attempts, effects, invoices
 from billhook.store.schema import settings as switches
 
 _IN_DOUBT_ERROR = (
     "lease expired after the message was handed over (dispatcher stopped?); "
     "delivery unknown, sent again under the same key"
+)
+_EXHAUSTED_ERROR = (
+    "the dispatcher stopped during the last attempt (lease expired); the message may or may not "
+    "have been delivered; redrive to send it again under the same key"
 )
 _PAUSED = sa.select(switches.c.key).where(switches.c.key == PAUSED_KEY, switches.c.value == "true")
 _log = get_logger("billhook.effects")
@@ -61,24 +66,19 @@ def claim_effects(
         # template, a bad deploy) must be able to stop emails, not only state changes.
         if connection.execute(_PAUSED).first() is not None:
             return []
-        _bury_exhausted(connection, now, limit)
-        expired = sa.and_(effects.c.state == "sending", effects.c.lease_expires_at <= now)
-        rescued = _claim_where(connection, expired, now, limit, lease_seconds)
-        due = sa.and_(effects.c.state.in_(("pending", "retryable")), effects.c.run_at <= now)
-        fresh = _claim_where(connection, due, now, limit - len(rescued), lease_seconds)
-        in_doubt = _close_open_attempts(connection, [e.id for e in rescued], now)
+        statements = _statements(connection.dialect.name == "postgresql")
+        _bury_exhausted(connection, statements, now, limit)
+        rescued = _claim(connection, statements.rescue, now, limit, lease_seconds)
+        fresh = _claim(connection, statements.due, now, limit - len(rescued), lease_seconds)
+        in_doubt = _close_open_attempts(connection, statements, [e.id for e in rescued], now)
         if in_doubt:
-            connection.execute(
-                sa.update(effects)
-                .where(effects.c.id.in_(in_doubt))
-                .values(resends=effects.c.resends + 1)
-            )
+            connection.execute(statements.count_resend, {"ids": sorted(in_doubt)})
         for effect in rescued:
             if effect.id in in_doubt:
                 effect.resends += 1
         claimed = rescued + fresh
-        _set_recipients(connection, claimed)
-        _set_attempt_counts(connection, claimed)
+        _set_recipients(connection, statements, claimed)
+        _set_attempt_counts(connection, statements, claimed)
         _open_attempts(connection, claimed, now)
     for effect in claimed:
         if effect.id in in_doubt:
@@ -91,44 +91,13 @@ def claim_effects(
     return claimed
 
 
-def _due_ids(
-    connection: Connection, condition: sa.ColumnElement[bool], limit: int
-) -> sa.Select[Any]:
-    query = sa.select(effects.c.id).where(condition).order_by(effects.c.run_at).limit(limit)
-    if connection.dialect.name == "postgresql":
-        query = query.with_for_update(skip_locked=True)
-    return query
-
-
-def _claim_where(
-    connection: Connection,
-    condition: sa.ColumnElement[bool],
-    now: float,
-    limit: int,
-    lease_seconds: float,
+def _claim(
+    connection: Connection, statement: sa.Update, now: float, limit: int, lease_seconds: float
 ) -> list[ClaimedEffect]:
     if limit <= 0:
         return []
     rows = connection.execute(
-        sa.update(effects)
-        .where(effects.c.id.in_(_due_ids(connection, condition, limit)))
-        .values(
-            state="sending",
-            attempts=effects.c.attempts + 1,
-            lease_expires_at=now + lease_seconds,
-        )
-        .returning(
-            effects.c.id,
-            effects.c.idempotency_key,
-            effects.c.kind,
-            effects.c.channel,
-            effects.c.invoice_id,
-            effects.c.payload,
-            effects.c.attempts,
-            effects.c.max_attempts,
-            effects.c.resends,
-            effects.c.created_at,
-        )
+        statement, {"now": now, "limit": limit, "lease": now + lease_seconds}
     ).all()
     return sorted(
         (
@@ -150,51 +119,29 @@ def _claim_where(
     )
 
 
-def _bury_exhausted(connection: Connection, now: float, limit: int) -> None:
+def _bury_exhausted(
+    connection: Connection, statements: _Statements, now: float, limit: int
+) -> None:
     """A lease that ran out on the last attempt: dead-letter instead of looping on a crash."""
-    condition = sa.and_(
-        effects.c.state == "sending",
-        effects.c.lease_expires_at <= now,
-        effects.c.attempts >= effects.c.max_attempts,
-    )
-    rows = connection.execute(
-        sa.update(effects)
-        .where(effects.c.id.in_(_due_ids(connection, condition, limit)))
-        .values(
-            state="dead",
-            lease_expires_at=None,
-            last_error=(
-                "the dispatcher stopped during the last attempt (lease expired); the "
-                "message may or may not have been delivered; redrive to send it again "
-                "under the same key"
-            ),
-        )
-        .returning(effects.c.id, effects.c.kind, effects.c.channel)
-    ).all()
-    _close_open_attempts(connection, [row.id for row in rows], now)
+    rows = connection.execute(statements.bury, {"now": now, "limit": limit}).all()
+    _close_open_attempts(connection, statements, [row.id for row in rows], now)
     for row in rows:
         EFFECTS_DEAD.labels(row.channel, row.kind).inc()
 
 
-def _close_open_attempts(connection: Connection, effect_ids: list[int], now: float) -> set[int]:
+def _close_open_attempts(
+    connection: Connection, statements: _Statements, effect_ids: list[int], now: float
+) -> set[int]:
     """Close attempts a dead dispatcher left `sending`; returns the effects they belong to."""
     if not effect_ids:
         return set()
-    open_attempts = sa.and_(
-        effect_attempts.c.effect_id.in_(effect_ids),
-        effect_attempts.c.outcome == "sending",
-        effect_attempts.c.finished_at.is_(None),
-    )
-    rows = connection.execute(
-        sa.update(effect_attempts)
-        .where(open_attempts)
-        .values(finished_at=now, error=_IN_DOUBT_ERROR)
-        .returning(effect_attempts.c.effect_id)
-    ).all()
+    rows = connection.execute(statements.close_open, {"ids": effect_ids, "now": now}).all()
     return {row.effect_id for row in rows}
 
 
-def _set_recipients(connection: Connection, claimed: list[ClaimedEffect]) -> None:
+def _set_recipients(
+    connection: Connection, statements: _Statements, claimed: list[ClaimedEffect]
+) -> None:
     """The intent's email, else the invoice's current one (set it, then redrive)."""
     missing = {
         e.invoice_id
@@ -205,28 +152,22 @@ def _set_recipients(connection: Connection, claimed: list[ClaimedEffect]) -> Non
     if missing:
         current = {
             row.id: row.customer_email
-            for row in connection.execute(
-                sa.select(invoices.c.id, invoices.c.customer_email).where(
-                    invoices.c.id.in_(missing)
-                )
-            )
+            for row in connection.execute(statements.emails, {"ids": sorted(missing)})
         }
     for e in claimed:
         if e.channel == "email":
             e.recipient = e.payload.get("customer_email") or current.get(e.invoice_id or "")
 
 
-def _set_attempt_counts(connection: Connection, claimed: list[ClaimedEffect]) -> None:
+def _set_attempt_counts(
+    connection: Connection, statements: _Statements, claimed: list[ClaimedEffect]
+) -> None:
     if not claimed:
         return
     # A result has `.keys()`, so dict() would take it for a mapping: build it row by row.
     counts = {
         int(row[0]): int(row[1])
-        for row in connection.execute(
-            sa.select(effect_attempts.c.effect_id, sa.func.count())
-            .where(effect_attempts.c.effect_id.in_([e.id for e in claimed]))
-            .group_by(effect_attempts.c.effect_id)
-        )
+        for row in connection.execute(statements.attempt_counts, {"ids": [e.id for e in claimed]})
     }
     for e in claimed:
         e.recorded_attempts = counts.get(e.id, 0)
@@ -245,12 +186,15 @@ def _open_attempts(connection: Connection, claimed: list[ClaimedEffect], now: fl
             for e in claimed
         ],
     ).all()
-    for e, row in zip(claimed, rows, strict=True):
-        e.attempt_id = row.id
+    # One new attempt per claimed effect: matched by effect id, in whatever order they come.
+    opened = {row.effect_id: row.id for row in rows}
+    for e in claimed:
+        e.attempt_id = opened[e.id]
 
 
 # Built once: building it costs more CPU than running it. Executed with one parameter set per
-# row (insertmanyvalues); the ids come back in that order.
+# row: insertmanyvalues writes them as multi-row INSERTs. (Asking for the ids in parameter order,
+# `sort_by_parameter_order`, made SQLite run one INSERT per row: a third of the claim's CPU.)
 _OPEN_ATTEMPT = (
     sa.insert(effect_attempts)
     .values(
@@ -259,5 +203,85 @@ _OPEN_ATTEMPT = (
         started_at=sa.bindparam("started_at", type_=sa.Double()),
         outcome="sending",
     )
-    .returning(effect_attempts.c.id, sort_by_parameter_order=True)
+    .returning(effect_attempts.c.id, effect_attempts.c.effect_id)
 )
+
+
+@dataclass(frozen=True)
+class _Statements:
+    """The claim's statements for one dialect, built once: building a statement (and coercing an
+    IN list of literal ids into bind parameters) cost more CPU than running it."""
+
+    bury: sa.Update
+    rescue: sa.Update
+    due: sa.Update
+    close_open: sa.Update
+    count_resend: sa.Update
+    emails: sa.Select[Any]
+    attempt_counts: sa.Select[Any]
+
+
+@functools.cache
+def _statements(postgresql: bool) -> _Statements:
+    now: sa.BindParameter[float] = sa.bindparam("now", type_=sa.Double())
+    effect_among = among_per_dialect(effects.c.id, sa.BigInteger())[postgresql]
+    attempt_among = among_per_dialect(effect_attempts.c.effect_id, sa.BigInteger())[postgresql]
+    invoice_among = among_per_dialect(invoices.c.id, sa.String())[postgresql]
+
+    def due_ids(condition: sa.ColumnElement[bool]) -> sa.Select[Any]:
+        query = (
+            sa.select(effects.c.id)
+            .where(condition)
+            .order_by(effects.c.run_at)
+            .limit(sa.bindparam("limit", type_=sa.Integer()))
+        )
+        return query.with_for_update(skip_locked=True) if postgresql else query
+
+    def claim(condition: sa.ColumnElement[bool]) -> sa.Update:
+        return (
+            sa.update(effects)
+            .where(effects.c.id.in_(due_ids(condition)))
+            .values(
+                state="sending",
+                attempts=effects.c.attempts + 1,
+                lease_expires_at=sa.bindparam("lease", type_=sa.Double()),
+            )
+            .returning(
+                effects.c.id,
+                effects.c.idempotency_key,
+                effects.c.kind,
+                effects.c.channel,
+                effects.c.invoice_id,
+                effects.c.payload,
+                effects.c.attempts,
+                effects.c.max_attempts,
+                effects.c.resends,
+                effects.c.created_at,
+            )
+        )
+
+    expired = sa.and_(effects.c.state == "sending", effects.c.lease_expires_at <= now)
+    exhausted = sa.and_(expired, effects.c.attempts >= effects.c.max_attempts)
+    return _Statements(
+        bury=sa.update(effects)
+        .where(effects.c.id.in_(due_ids(exhausted)))
+        .values(state="dead", lease_expires_at=None, last_error=_EXHAUSTED_ERROR)
+        .returning(effects.c.id, effects.c.kind, effects.c.channel),
+        rescue=claim(expired),
+        due=claim(
+            sa.and_(effects.c.state.in_(("pending", "retryable")), effects.c.run_at <= now)
+        ),
+        close_open=sa.update(effect_attempts)
+        .where(
+            attempt_among,
+            effect_attempts.c.outcome == "sending",
+            effect_attempts.c.finished_at.is_(None),
+        )
+        .values(finished_at=now, error=_IN_DOUBT_ERROR)
+        .returning(effect_attempts.c.effect_id),
+        count_resend=sa.update(effects).where(effect_among).values(resends=effects.c.resends + 1),
+        emails=sa.select(invoices.c.id, invoices.c.customer_email).where(invoice_among),
+        attempt_counts=sa.select(effect_attempts.c.effect_id, sa.func.count())
+        .where(attempt_among)
+        .group_by(effect_attempts.c.effect_id),
+    )
