@@ -26,7 +26,7 @@ import stripe
 from aiosmtpd.controller import Controller
 
 from billhook.store.engine import create_engine
-from billhook.store.schema import effects, events, invoices
+from billhook.store.schema import effects, event_outcomes, events, events_with_outcomes, invoices
 from live_server import free_port, running_process
 
 SECRET = "whsec_bad_day_secret"
@@ -170,7 +170,9 @@ def test_the_classic_bad_day(
             with engine.connect() as connection:
                 return (
                     connection.execute(
-                        sa.select(events.c.outcome).where(events.c.event_id == "evt_bd_refund")
+                        sa.select(event_outcomes.c.outcome)
+                        .select_from(events_with_outcomes)
+                        .where(events.c.event_id == "evt_bd_refund")
                     ).scalar_one_or_none()
                     == "processed"
                 )

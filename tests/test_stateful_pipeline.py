@@ -60,7 +60,15 @@ from billhook.sim.histories import History, ProviderEvent, generate_histories
 from billhook.sources import stripe
 from billhook.store.engine import create_engine
 from billhook.store.events import Arrival, record_many
-from billhook.store.schema import effects, events, invoices, jobs, metadata
+from billhook.store.schema import (
+    effects,
+    event_outcomes,
+    events,
+    events_with_outcomes,
+    invoices,
+    jobs,
+    metadata,
+)
 
 LEASE = 30.0
 START = 1_700_100_000.0  # after every generated history (they start at 1_700_000_000 + <1 h)
@@ -236,7 +244,9 @@ class PipelineMachine(RuleBasedStateMachine):
             stored = {
                 row.event_id: row
                 for row in connection.execute(
-                    sa.select(events.c.id, events.c.event_id, events.c.outcome)
+                    sa.select(events.c.id, events.c.event_id, event_outcomes.c.outcome).select_from(
+                        events_with_outcomes
+                    )
                 )
             }
             per_event = Counter(connection.execute(sa.select(jobs.c.event_pk)).scalars())
@@ -344,7 +354,11 @@ class PipelineMachine(RuleBasedStateMachine):
     def _converged_to_the_truth(self) -> None:
         with self.engine.connect() as connection:
             job_states = Counter(connection.execute(sa.select(jobs.c.state)).scalars())
-            outcomes = Counter(connection.execute(sa.select(events.c.outcome)).scalars())
+            outcomes = Counter(
+                connection.execute(
+                    sa.select(event_outcomes.c.outcome).select_from(events_with_outcomes)
+                ).scalars()
+            )
             stored = frozenset(connection.execute(sa.select(events.c.event_id)).scalars())
             effect_states = Counter(connection.execute(sa.select(effects.c.state)).scalars())
             rows = {

@@ -18,7 +18,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from functools import lru_cache
-from typing import Any
 
 import orjson
 import sqlalchemy as sa
@@ -30,20 +29,16 @@ from billhook.config import Settings, load_settings
 from billhook.errors import NotFound
 from billhook.queue.jobs import Job
 from billhook.store.engine import among_per_dialect, transaction
+from billhook.store.events import Outcome, mark_outcomes
 from billhook.store.invoices import invoice_for_charge
 from billhook.store.schema import events, invoices
 
 # Built once with bind parameters (building a statement per event cost more than running it).
-_EVENT_PK = events.c.id == sa.bindparam("event_pk", type_=sa.BigInteger())
 _LOAD_EVENTS = tuple(
     sa.select(events.c.id, events.c.source, events.c.body).where(among)
     for among in among_per_dialect(events.c.id, sa.BigInteger())
 )
-_MARK = (
-    events.update()
-    .where(_EVENT_PK)
-    .values(outcome=sa.bindparam("outcome"), processed_at=sa.bindparam("processed_at"))
-)
+
 
 
 class Processor:
@@ -83,7 +78,8 @@ class Processor:
         failures: dict[int, Exception] = {}
         batch: list[Arrived] = []
         owners: list[Job] = []
-        marks: list[dict[str, Any]] = []
+        processed: list[int] = []
+        ignored: list[int] = []
         for job in jobs:
             if job.event_pk is None:
                 continue
@@ -97,20 +93,19 @@ class Processor:
                 failures[job.id] = exc
                 continue
             if event is None:
-                marks.append({"event_pk": job.event_pk, "outcome": "ignored", "processed_at": now})
+                ignored.append(job.event_pk)
                 continue
             batch.append(Arrived(event, stored[0], job.event_pk))
             owners.append(job)
         outcomes = apply_events(connection, batch, settings=self.settings, now=now)
         for job, outcome in zip(owners, outcomes, strict=True):
             if outcome is None:
-                marks.append(
-                    {"event_pk": job.event_pk, "outcome": "processed", "processed_at": now}
-                )
+                assert job.event_pk is not None
+                processed.append(job.event_pk)
             else:
                 failures[job.id] = outcome
-        if marks:
-            connection.execute(_MARK, marks)
+        mark_outcomes(connection, processed, "processed", now=now)
+        mark_outcomes(connection, ignored, "ignored", now=now)
         return failures
 
     def apply_events(
@@ -141,8 +136,8 @@ def decode_event(source: str, body: bytes) -> BillingEvent | None:
     return parse_event(source, payload)
 
 
-def _mark(connection: Connection, event_pk: int, outcome: str, now: float) -> None:
-    connection.execute(_MARK, {"event_pk": event_pk, "outcome": outcome, "processed_at": now})
+def _mark(connection: Connection, event_pk: int, outcome: Outcome, now: float) -> None:
+    mark_outcomes(connection, [event_pk], outcome, now=now)
 
 
 @lru_cache(maxsize=1)

@@ -11,7 +11,7 @@ from sqlalchemy.engine import Engine
 
 from billhook.errors import InvalidRequest, NotFound
 from billhook.ops.pages import DEFAULT_LIMIT, Page, check_limit, decode_cursor, encode_cursor
-from billhook.store.schema import deliveries, events
+from billhook.store.schema import deliveries, event_outcomes, events, events_with_outcomes
 
 # `outcome` is NULL while an event waits for processing; the API calls that `pending`.
 PENDING = "pending"
@@ -68,9 +68,10 @@ _SUMMARY = (
     .where(deliveries.c.event_pk == events.c.id)
     .scalar_subquery()
     .label("delivery_count"),
-    events.c.outcome,
-    events.c.processed_at,
+    event_outcomes.c.outcome,
+    event_outcomes.c.processed_at,
 )
+
 
 
 def list_events(
@@ -91,7 +92,7 @@ def list_events(
     exclusive.
     """
     check_limit(limit)
-    query = sa.select(*_SUMMARY).order_by(events.c.id.desc())
+    query = sa.select(*_SUMMARY).select_from(events_with_outcomes).order_by(events.c.id.desc())
     if source is not None:
         query = query.where(events.c.source == source)
     if type is not None:
@@ -104,7 +105,9 @@ def list_events(
                 f"outcome must be one of {', '.join(EVENT_OUTCOMES)}, got {outcome!r}"
             )
         query = query.where(
-            events.c.outcome.is_(None) if outcome == PENDING else events.c.outcome == outcome
+            event_outcomes.c.outcome.is_(None)
+            if outcome == PENDING
+            else event_outcomes.c.outcome == outcome
         )
     if received_since is not None:
         query = query.where(events.c.received_at >= received_since)
@@ -126,8 +129,10 @@ def get_event(engine: Engine, event_id: str, *, source: str | None = None) -> Ev
     A provider id shared by two sources needs `source` to say which one.
     """
     with engine.connect() as connection:
-        query = sa.select(*_SUMMARY, events.c.headers, events.c.body).where(
-            events.c.event_id == event_id
+        query = (
+            sa.select(*_SUMMARY, events.c.headers, events.c.body)
+            .select_from(events_with_outcomes)
+            .where(events.c.event_id == event_id)
         )
         if source is not None:
             query = query.where(events.c.source == source)
@@ -135,9 +140,9 @@ def get_event(engine: Engine, event_id: str, *, source: str | None = None) -> Ev
         if not rows and event_id.isdigit() and len(event_id) < 19:
             rows = (
                 connection.execute(
-                    sa.select(*_SUMMARY, events.c.headers, events.c.body).where(
-                        events.c.id == int(event_id)
-                    )
+                    sa.select(*_SUMMARY, events.c.headers, events.c.body)
+                    .select_from(events_with_outcomes)
+                    .where(events.c.id == int(event_id))
                 )
                 .mappings()
                 .all()

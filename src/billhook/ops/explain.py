@@ -19,7 +19,15 @@ from billhook.billing import InvoiceState, summarize
 from billhook.effects.timeline import effect_timeline
 from billhook.errors import NotFound
 from billhook.store.invoices import events_about
-from billhook.store.schema import deliveries, events, invoice_transitions, invoices, jobs
+from billhook.store.schema import (
+    deliveries,
+    event_outcomes,
+    events,
+    events_with_outcomes,
+    invoice_transitions,
+    invoices,
+    jobs,
+)
 
 
 @dataclass(frozen=True)
@@ -60,9 +68,11 @@ def explain_invoice(engine: Engine, invoice_id: str) -> Explanation:
                 events.c.event_id,
                 events.c.type,
                 events.c.source,
-                events.c.outcome.label("processing"),
+                event_outcomes.c.outcome.label("processing"),
             )
-            .select_from(deliveries.join(events, events.c.id == deliveries.c.event_pk))
+            .select_from(
+                deliveries.join(events_with_outcomes, events.c.id == deliveries.c.event_pk)
+            )
             .where(about)
             .order_by(deliveries.c.received_at, deliveries.c.id)
         ).all()

@@ -60,8 +60,8 @@ from billhook.ops.replay_selection import (
     plan_replay,
 )
 from billhook.processing import Processor, decode_event
-from billhook.store.batch_writes import BatchWrite, write_many
 from billhook.store.engine import transaction
+from billhook.store.events import Outcome, mark_outcomes
 from billhook.store.invoices import (
     ConcurrentUpdate,
     StoredInvoice,
@@ -268,7 +268,7 @@ class _Run:
                 with _begin(connection):
                     decoded = [_decoded(stored) for stored in load_events(connection, chunk)]
                     known = _Known.read(connection, [d.event for d in decoded if d.event])
-                marks: dict[str, list[int]] = {"processed": [], "ignored": []}
+                marks: dict[Outcome, list[int]] = {"processed": [], "ignored": []}
                 pending: list[_Decoded] = []
                 for item in decoded:
                     if self._settled(item, known, marks):
@@ -294,7 +294,7 @@ class _Run:
             for _ in range(count):
                 self.on_event()
 
-    def _settled(self, item: _Decoded, known: _Known, marks: dict[str, list[int]]) -> bool:
+    def _settled(self, item: _Decoded, known: _Known, marks: dict[Outcome, list[int]]) -> bool:
         """Settle what needs no write transaction; False for events to apply."""
         stored, event = item.stored, item.event
         if item.error is not None:
@@ -471,18 +471,8 @@ def _rebuilt_change(fold: RebuildFold, diff: InvoiceDiff) -> Change:
     )
 
 
-def _mark(connection: Connection, event_pks: Sequence[int], outcome: str, now: float) -> None:
-    write_many(connection, _MARK, [(outcome, now, pk) for pk in event_pks])
-
-
-# One fixed statement text whatever the number of events (see `store.batch_writes`).
-_MARK = BatchWrite(
-    "UPDATE events SET outcome = ?, processed_at = ? WHERE id = ?",
-    "UPDATE events AS e SET outcome = v.outcome, processed_at = v.processed_at "
-    "FROM unnest(%b::text[], %b::float8[], %b::int8[]) AS v(outcome, processed_at, id) "
-    "WHERE e.id = v.id",
-    floats=(1,),
-)
+def _mark(connection: Connection, event_pks: Sequence[int], outcome: Outcome, now: float) -> None:
+    mark_outcomes(connection, event_pks, outcome, now=now)
 
 
 @dataclass(frozen=True)

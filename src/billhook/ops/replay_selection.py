@@ -169,11 +169,12 @@ def _fetch_binary(connection: Connection, sql: str, params: tuple[Any, ...]) -> 
         ) from exc
 
 
-_EVENT_COLUMNS = "id, source, event_id, type, body, outcome"
-_LOAD_EVENTS_SQLITE = (
-    f"SELECT {_EVENT_COLUMNS} FROM events WHERE id IN (SELECT value FROM json_each(?))"
+_LOAD_EVENTS = (
+    "SELECT e.id, e.source, e.event_id, e.type, e.body, o.outcome FROM events AS e "
+    "LEFT JOIN event_outcomes AS o ON o.event_pk = e.id WHERE e.id "
 )
-_LOAD_EVENTS_POSTGRES = f"SELECT {_EVENT_COLUMNS} FROM events WHERE id = ANY(%b::int8[])"
+_LOAD_EVENTS_SQLITE = _LOAD_EVENTS + "IN (SELECT value FROM json_each(?))"
+_LOAD_EVENTS_POSTGRES = _LOAD_EVENTS + "= ANY(%b::int8[])"
 
 
 def chunks(values: Sequence[int], size: int = CHUNK) -> Iterator[Sequence[int]]:

@@ -28,6 +28,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from billhook.errors import StoreUnavailable
 from billhook.sources import IncomingEvent
+from billhook.store.batch_writes import insert, write_many
 from billhook.store.engine import transaction
 
 Status = Literal["accepted", "duplicate"]
@@ -50,6 +51,25 @@ class Arrival:
 
     event: IncomingEvent
     received_at: float
+
+
+Outcome = Literal["processed", "ignored", "failed"]
+
+# An outcome is a row of its own, so the event row is never rewritten (see the schema).
+_MARK_OUTCOMES = insert(
+    "event_outcomes",
+    {"event_pk": "int8", "outcome": "text", "processed_at": "float8"},
+    suffix=" ON CONFLICT (event_pk) DO UPDATE "
+    "SET outcome = excluded.outcome, processed_at = excluded.processed_at",
+)
+
+
+def mark_outcomes(
+    connection: Connection, event_pks: Sequence[int], outcome: Outcome, *, now: float
+) -> None:
+    """Record what processing made of these events (each at most once per call), in the
+    caller's transaction; a later mark replaces an earlier one."""
+    write_many(connection, _MARK_OUTCOMES, [(pk, outcome, now) for pk in event_pks])
 
 
 def record(

@@ -59,8 +59,6 @@ def upgrade() -> None:
         sa.Column("received_at", sa.Double(), nullable=False),
         sa.Column("headers", sa.Text(), nullable=False),
         sa.Column("body", sa.LargeBinary(), nullable=False),
-        sa.Column("outcome", sa.String(length=32), nullable=True),
-        sa.Column("processed_at", sa.Double(), nullable=True),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_events")),
         sa.UniqueConstraint("source", "event_id", name=op.f("uq_events_source_event_id")),
     )
@@ -112,6 +110,16 @@ def upgrade() -> None:
         sa.Column("value", sa.Text(), nullable=False),
         sa.Column("updated_at", sa.Double(), nullable=False),
         sa.PrimaryKeyConstraint("key", name=op.f("pk_settings")),
+    )
+    op.create_table(
+        "event_outcomes",
+        sa.Column("event_pk", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
+        sa.Column("outcome", sa.String(length=32), nullable=False),
+        sa.Column("processed_at", sa.Double(), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["event_pk"], ["events.id"], name=op.f("fk_event_outcomes_event_pk_events")
+        ),
+        sa.PrimaryKeyConstraint("event_pk", name=op.f("pk_event_outcomes")),
     )
     op.create_table(
         "deliveries",
@@ -361,6 +369,7 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f("ix_deliveries_event_pk"))
 
     op.drop_table("deliveries")
+    op.drop_table("event_outcomes")
     op.drop_table("settings")
     with op.batch_alter_table("invoices", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_invoices_updated_at"))
