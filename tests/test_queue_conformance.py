@@ -285,6 +285,19 @@ def test_group_completion_completes_only_what_is_still_held(engine: Engine) -> N
     assert [a.outcome for a in show_job(engine, fresh[0].id).history] == ["rescued", "completed"]
 
 
+def test_group_completion_checks_the_attempt_not_only_the_worker(engine: Engine) -> None:
+    _enqueue(engine, "k", 1.0)
+    (stale,) = _claim(engine, "w1")
+    rescue_expired(engine, now=T0 + LEASE + 1, dead_hooks={})
+    (again,) = _claim(engine, "w1", now=T0 + LEASE + 1, limit=1)  # same worker, next attempt
+    assert (again.id, again.attempts) == (stale.id, stale.attempts + 1)
+    assert complete_many(engine, [stale], now=T0 + LEASE + 2) == set()
+    assert _state(engine, again.id) == "running"
+    assert complete_many(engine, [again], now=T0 + LEASE + 2) == {again.id}
+    history = show_job(engine, again.id).history
+    assert [(a.outcome, a.attempt) for a in history] == [("rescued", 1), ("completed", 2)]
+
+
 def test_started_worker_commits_completions_with_its_claims_in_key_order(engine: Engine) -> None:
     # Three keys, four jobs each, enqueued out of provider order: the threaded worker's rounds
     # (complete what finished, claim the next, one transaction) must keep each key's order and

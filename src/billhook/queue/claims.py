@@ -20,6 +20,7 @@ import random
 import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
@@ -202,22 +203,38 @@ def complete_many_in(connection: Connection, done: Sequence[Job], *, now: float)
             ).all()
             completed.update(int(row[0]) for row in rows)
         return completed
+    # SQLite: fixed driver SQL. The (id, attempts) pairs go as one JSON array, so every batch size
+    # runs the same prepared statement (an expanded IN list is rendered, and its parameters
+    # processed, per call), and the attempt rows are a plain executemany of tuples.
     for worker_id, held in by_worker.items():
-        rows = connection.execute(
-            _complete_statement(),
-            {
-                "b_worker_id": worker_id,
-                "b_now": now,
-                "b_held": [(job.id, job.attempts) for job in held],
-            },
-        ).all()
+        pairs = orjson.dumps([(job.id, job.attempts) for job in held]).decode()
+        rows = connection.exec_driver_sql(_COMPLETE_SQLITE, (now, worker_id, pairs)).all()
         completed.update(int(row[0]) for row in rows)
     attempts = [
-        _attempt_row(job, now=now, outcome="completed") for job in done if job.id in completed
+        (
+            job.id,
+            job.attempts,
+            job.worker_id,
+            job.started_at if job.started_at is not None else now,
+            now,
+        )
+        for job in done
+        if job.id in completed
     ]
     if attempts:
-        connection.execute(job_attempts.insert(), attempts)
+        connection.exec_driver_sql(_RECORD_COMPLETED_SQLITE, attempts)
     return completed
+
+
+_COMPLETE_SQLITE = (
+    f"UPDATE {jobs.name} SET state = '{JobState.COMPLETED.value}', finished_at = ?, "
+    f"lease_expires_at = NULL WHERE state = '{JobState.RUNNING.value}' AND worker_id = ? "
+    "AND (id, attempts) IN (SELECT value ->> 0, value ->> 1 FROM json_each(?)) RETURNING id"
+)
+_RECORD_COMPLETED_SQLITE = (
+    f"INSERT INTO {job_attempts.name} (job_id, attempt, worker_id, started_at, finished_at, "
+    "outcome) VALUES (?, ?, ?, ?, ?, 'completed')"
+)
 
 
 @functools.cache
