@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import math
 import time
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
@@ -64,6 +65,13 @@ def format_amount(amount_minor: int | None, currency: str | None) -> str:
     return format_currency(Decimal(int(amount_minor)).scaleb(-digits), code, locale=_LOCALE)
 
 
+# Effects created in the same second share their Date header (formatting one is a datetime, a
+# timetuple and a zone name: more than the rest of the headers together).
+@lru_cache(maxsize=256)
+def _date(second: int) -> str:
+    return formatdate(second, usegmt=True)
+
+
 def invoice_label(invoice_id: str, number: str | None) -> str:
     return f"{number} ({invoice_id})" if number else invoice_id
 
@@ -113,7 +121,7 @@ def render_email(
     headers = {
         "From": settings.mail_from,
         "To": recipient,
-        "Date": formatdate(created_at, usegmt=True),
+        "Date": _date(math.floor(created_at)),
         "Message-ID": f"<{digest}.{kind}@billhook>",
         "X-Billhook-Idempotency-Key": idempotency_key,
     }
