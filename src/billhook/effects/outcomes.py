@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
@@ -94,26 +95,38 @@ class OutcomeRecorder:
         """
         if not done:
             return set()
-        connection.execute(
-            _CLOSE_ATTEMPT,
-            [
-                {
-                    "attempt_id": o.effect.attempt_id,
-                    "outcome": ("resent" if o.effect.resends else "sent")
-                    if o.error is None
-                    else "failed",
-                    "now": now,
-                    "error": o.error,
-                }
-                for o in done
-            ],
-        )
+        closed = [
+            (
+                ("resent" if o.effect.resends else "sent") if o.error is None else "failed",
+                now,
+                o.error,
+                o.effect.attempt_id,
+            )
+            for o in done
+        ]
         sent = [_ours(o.effect) for o in done if o.error is None]
         applied: set[int] = set()
-        if sent:
-            applied.update(
-                row.id for row in connection.execute(_MARK_SENT, {"ours": sent, "now": now})
+        if connection.dialect.name == "sqlite":
+            # Fixed driver SQL: an executemany of tuples, and the (id, attempts) pairs as one JSON
+            # array, so no per-row parameter processing and no IN list rendered per batch size.
+            connection.exec_driver_sql(_CLOSE_ATTEMPT_SQLITE, closed)
+            if sent:
+                rows = connection.exec_driver_sql(
+                    _MARK_SENT_SQLITE, (now, orjson.dumps(sent).decode())
+                )
+                applied.update(int(row[0]) for row in rows)
+        else:
+            connection.execute(
+                _CLOSE_ATTEMPT,
+                [
+                    {"outcome": outcome, "now": at, "error": error, "attempt_id": attempt_id}
+                    for outcome, at, error, attempt_id in closed
+                ],
             )
+            if sent:
+                applied.update(
+                    row.id for row in connection.execute(_MARK_SENT, {"ours": sent, "now": now})
+                )
         for outcome in done:
             if outcome.error is not None and self._apply_failure(connection, outcome, now):
                 applied.add(outcome.effect.id)
@@ -192,6 +205,14 @@ _MARK_SENT = (
         last_error=None,
     )
     .returning(effects.c.id)
+)
+_CLOSE_ATTEMPT_SQLITE = (
+    f"UPDATE {effect_attempts.name} SET outcome = ?, finished_at = ?, error = ? WHERE id = ?"
+)
+_MARK_SENT_SQLITE = (
+    f"UPDATE {effects.name} SET state = 'sent', sent_at = ?, lease_expires_at = NULL, "
+    "last_error = NULL WHERE state = 'sending' "
+    "AND (id, attempts) IN (SELECT value ->> 0, value ->> 1 FROM json_each(?)) RETURNING id"
 )
 _CLOSE_ATTEMPT = (
     sa.update(effect_attempts)
