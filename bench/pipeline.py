@@ -51,13 +51,13 @@ NOTES = """
 ### Reading these figures
 
 - Every process shares the same 2 cores. The last column is CPU per event for each process kind
-  over the whole run: their sum (~1.4 ms on SQLite) caps the run near 2 cores / 1.4 ms, about
-  1,400 events/s, before any waiting.
+  over the whole run: their sum caps the run near 2 cores / that sum, before any waiting.
 - Workers apply a claimed batch in one transaction (`billhook.applying`) and dispatch mail in
-  batches of up to 200 on one SMTP connection (three commits per batch). On SQLite their batch
-  transactions and the ingest group commits take turns at the one write lock, so ingest runs
-  slower here than alone (ingest table) and the workers keep pace with it: the drain after the
-  last 2xx is about a second.
+  batches of up to 200 on one SMTP connection (three commits per batch; MAIL, RCPT and DATA
+  pipelined when the server offers PIPELINING, as smtp-sink does). `batch_sizes` (in the JSON)
+  is the mean rows per transaction: jobs per claim and per completion, effects per claim.
+- On SQLite the workers' batch transactions and the ingest group commits take turns at the one
+  write lock, so ingest runs slower here than alone (ingest table).
 - Latency is dominated by the ingest phase: events wait while the write lock is busy with
   other batches. p99 is therefore seconds, not milliseconds, at full load.
 - `failed_attempts` (in the JSON) counts retried job attempts by error type; a healthy run
@@ -80,9 +80,14 @@ class PipelineResult:
     cpu_ms_per_event: dict[str, float]
     failed_attempts: dict[str, int]
     sink: str
+    # Mean rows per transaction: jobs per claim round and per completion commit, effects per
+    # dispatcher claim (fixed costs per transaction are paid once per batch).
+    batch_sizes: dict[str, float]
 
 
-def run(kind: str, events: int, workers: int, scratch: Path) -> PipelineResult:
+def run(
+    kind: str, events: int, workers: int, scratch: Path, concurrency: int | None = None
+) -> PipelineResult:
     if shutil.which("wrk") is None:
         raise RuntimeError("bench.pipeline needs wrk (Debian package `wrk`)")
     scratch.mkdir(parents=True, exist_ok=True)
@@ -105,7 +110,8 @@ def run(kind: str, events: int, workers: int, scratch: Path) -> PipelineResult:
             BILLHOOK_DATA_DIR=str(scratch),
             BILLHOOK_PORT=str(port),
         )
-        commands = [["billhook", "serve"]] + [["billhook", "worker"]] * workers
+        worker = ["billhook", "worker"] + ([f"--concurrency={concurrency}"] if concurrency else [])
+        commands = [["billhook", "serve"]] + [worker] * workers
         engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
         try:
             with processes(commands, env, logs=scratch) as children:
@@ -131,6 +137,7 @@ def run(kind: str, events: int, workers: int, scratch: Path) -> PipelineResult:
                 time.sleep(0.5)  # a late duplicate would show here
             latencies = _latencies(engine, sink.first_by_invoice(), set(invoice_ids))
             retried = _failed_attempts(engine)
+            batch_sizes = _batch_sizes(engine)
         finally:
             engine.dispose()
         last = max(stamp for stamp, _ in sink.received)
@@ -153,6 +160,7 @@ def run(kind: str, events: int, workers: int, scratch: Path) -> PipelineResult:
             duplicates_sent=sink.count() - len(latencies),
             cpu_ms_per_event={name: round(1000 * value / stored, 3) for name, value in cpu.items()},
             failed_attempts=retried,
+            batch_sizes=batch_sizes,
             sink="postfix smtp-sink" if sink_type is PostfixSink else "aiosmtpd",
         )
 
@@ -212,6 +220,21 @@ def _failed_attempts(engine: sa.engine.Engine) -> dict[str, int]:
         return {str(kind): int(count) for kind, count in rows}
 
 
+def _batch_sizes(engine: sa.engine.Engine) -> dict[str, float]:
+    """Rows per transaction, from the timestamps each one stamps on all of its rows."""
+    queries = {
+        "jobs_per_claim": "SELECT count(*), count(DISTINCT started_at) FROM job_attempts",
+        "jobs_per_completion": "SELECT count(*), count(DISTINCT finished_at) FROM job_attempts",
+        "effects_per_claim": "SELECT count(*), count(DISTINCT started_at) FROM effect_attempts",
+    }
+    sizes = {}
+    with engine.connect() as connection:
+        for name, query in queries.items():
+            rows, transactions = connection.execute(sa.text(query)).one()
+            sizes[name] = round(rows / transactions, 1) if transactions else 0.0
+    return sizes
+
+
 def _latencies(
     engine: sa.engine.Engine, handed: dict[str, float], expected: set[str]
 ) -> list[float]:
@@ -227,13 +250,15 @@ def _latencies(
     ]
 
 
-def run_pipeline_bench(events: int, workers: int = 2, postgres: bool = True) -> dict[str, object]:
+def run_pipeline_bench(
+    events: int, workers: int = 2, postgres: bool = True, concurrency: int | None = None
+) -> dict[str, object]:
     """Both databases; returns the JSON keys and a markdown section."""
     results: list[PipelineResult] = []
     with tempfile.TemporaryDirectory(prefix="billhook-pipeline-") as tmp:
         for kind in ("sqlite", "postgresql") if postgres else ("sqlite",):
             say(f"pipeline: {kind}, {events} events, {workers} worker process(es)")
-            results.append(run(kind, events, workers, Path(tmp) / kind))
+            results.append(run(kind, events, workers, Path(tmp) / kind, concurrency))
             say("  ", asdict(results[-1]))
     by_kind = {r.database: r for r in results}
     out: dict[str, object] = {
@@ -280,8 +305,11 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=20000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--skip-postgres", action="store_true")
+    parser.add_argument(
+        "--concurrency", type=int, default=None, help="executor threads per worker (default: its)"
+    )
     args = parser.parse_args()
-    out = run_pipeline_bench(args.events, args.workers, not args.skip_postgres)
+    out = run_pipeline_bench(args.events, args.workers, not args.skip_postgres, args.concurrency)
     print(out["markdown"])
 
 
