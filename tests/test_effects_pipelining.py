@@ -17,9 +17,10 @@ import pytest
 import sqlalchemy as sa
 from aiosmtpd.controller import Controller
 
+from billhook.config import Settings
 from billhook.effects import EffectDispatcher, effect_timeline
 from billhook.effects.mailer import SmtpMailer, _content
-from billhook.effects.render import OutgoingEmail
+from billhook.effects.render import OutgoingEmail, render_email
 from billhook.store.engine import create_engine
 from billhook.store.schema import effects
 from live_server import free_port
@@ -217,3 +218,29 @@ def test_content_is_dot_stuffed_and_ended_as_smtplib_does(raw: bytes) -> None:
     if expected[-2:] != b"\r\n":
         expected += b"\r\n"
     assert _content(raw) == expected + b".\r\n"
+
+
+def test_an_international_address_goes_command_by_command_with_smtputf8(tmp_path: Path) -> None:
+    handler = Server()
+    controller = Controller(handler, hostname="127.0.0.1", port=free_port(), enable_SMTPUTF8=True)
+    controller.start()
+    try:
+        rendered = render_email(
+            kind="payment_receipt",
+            idempotency_key="payment_receipt:in_utf8",
+            payload={"invoice_id": "in_utf8", "currency": "eur", "amount": 1234},
+            recipient="jöe@exämple.com",
+            created_at=1_700_000_000.0,
+            settings=Settings(database_url="sqlite://", data_dir=str(tmp_path)),
+        )
+        assert rendered.international
+        mailer = SmtpMailer(f"smtp://127.0.0.1:{controller.port}")
+        mailer.send(rendered, sender=SENDER, recipient="jöe@exämple.com")
+        mailer.send(message("after"), sender=SENDER, recipient="jane@example.com")
+        mailer.close()
+    finally:
+        controller.stop()
+    # SMTPUTF8 goes through smtplib's own MAIL, one command at a time; the next is pipelined.
+    assert handler.after_rcpt == [b"", b"DATA\r\n"]
+    assert [rcpt for _, _, rcpt in handler.received] == [["jöe@exämple.com"], ["jane@example.com"]]
+    assert len(handler.connections()) == 1
