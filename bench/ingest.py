@@ -93,9 +93,9 @@ NOTES = """## Reading these figures
   copy and pages rewritten by many commits are copied once.
 - Every measured phase but the first (on a fresh database) starts from a settled database
   (VACUUM ANALYZE on PostgreSQL, a WAL checkpoint on SQLite), so no phase pays for the vacuum
-  or checkpoint the previous one's rows
-  call for (the duplicates phase ran second, and on PostgreSQL measured at 0.4-0.8x the rate
-  of new events before this; the EventWriter alone stores duplicates 1.5-3x faster).
+  or checkpoint that the previous one's rows call for. The duplicates phase runs last; before
+  this, on PostgreSQL it measured 0.4-0.8x the rate of new events, although the EventWriter
+  alone stores duplicates 1.5-3x faster than new events.
 - duplicates: every delivery re-sends an event already stored (200 `duplicate`, delivery row,
   nothing enqueued, the event row untouched: delivery count and last-seen time are read from
   `deliveries`); `duplicate cost` = time per duplicate / time per new event.
