@@ -18,12 +18,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from billhook.errors import BillhookError, StoreUnavailable
 from billhook.observability import get_logger
 from billhook.sources import IncomingEvent
+from billhook.store.engine import DRIVER_ERRORS, unavailable
 from billhook.store.events import Arrival, Recorded, record_batch
 from billhook.store.wal_checkpoints import WRITER_AUTOCHECKPOINT_PAGES, WalCheckpointer
 
@@ -167,11 +167,9 @@ class EventWriter:
             connection = self._connection
             with connection.begin():
                 yield connection
-        except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+        except DRIVER_ERRORS as exc:
             self._drop_connection()
-            raise StoreUnavailable(
-                f"the database cannot commit right now: {_first_line(exc)}"
-            ) from exc
+            raise unavailable(exc) from exc
         except BaseException:
             if self._connection is not None and self._connection.invalidated:
                 self._drop_connection()
@@ -230,11 +228,6 @@ def _sqlite_file(engine: Engine) -> str | None:
 def _write_lock_path(engine: Engine) -> str | None:
     database = _sqlite_file(engine)
     return None if database is None else database + "-ingest-lock"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(getattr(exc, "orig", exc) or exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def _as_unavailable(exc: Exception) -> BillhookError:

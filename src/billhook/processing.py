@@ -40,7 +40,6 @@ _LOAD_EVENTS = tuple(
 )
 
 
-
 class Processor:
     """The `process_event` handler, bound to its settings."""
 

@@ -73,7 +73,6 @@ _SUMMARY = (
 )
 
 
-
 def list_events(
     engine: Engine,
     *,

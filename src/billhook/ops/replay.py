@@ -60,7 +60,7 @@ from billhook.ops.replay_selection import (
     plan_replay,
 )
 from billhook.processing import Processor, decode_event
-from billhook.store.engine import transaction
+from billhook.store.engine import DRIVER_ERRORS, transaction
 from billhook.store.events import Outcome, mark_outcomes
 from billhook.store.invoices import (
     ConcurrentUpdate,
@@ -540,7 +540,7 @@ def _begin(connection: Connection) -> Iterator[None]:
     try:
         with connection.begin():
             yield
-    except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+    except DRIVER_ERRORS as exc:
         raise StoreUnavailable(
             f"the database failed during the replay: {exc.orig or exc}; the events before it "
             "are committed, run the same replay again to finish"

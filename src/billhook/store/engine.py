@@ -70,10 +70,19 @@ def transaction(engine: Engine) -> Iterator[Connection]:
     try:
         with engine.begin() as connection:
             yield connection
-    except sa.exc.OperationalError as exc:
-        raise StoreUnavailable(f"the database cannot commit right now: {_short(exc)}") from exc
-    except sa.exc.InterfaceError as exc:
-        raise StoreUnavailable(f"the database connection failed: {_short(exc)}") from exc
+    except DRIVER_ERRORS as exc:
+        raise unavailable(exc) from exc
+
+
+# The driver errors that mean the database, not the statement, failed: retry later.
+DRIVER_ERRORS = (sa.exc.OperationalError, sa.exc.InterfaceError)
+
+
+def unavailable(exc: sa.exc.OperationalError | sa.exc.InterfaceError) -> StoreUnavailable:
+    """The `StoreUnavailable` a caller raises for one of `DRIVER_ERRORS`."""
+    if isinstance(exc, sa.exc.InterfaceError):
+        return StoreUnavailable(f"the database connection failed: {_short(exc)}")
+    return StoreUnavailable(f"the database cannot commit right now: {_short(exc)}")
 
 
 def _short(exc: BaseException) -> str:
