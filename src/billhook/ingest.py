@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
-import os
 import queue
 import threading
 import time
@@ -53,8 +51,6 @@ class EventWriter:
         self._gathering: dict[asyncio.AbstractEventLoop, list[_Pending]] = {}
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._write_lock_path = _write_lock_path(engine)
-        self._write_lock_fd: int | None = None
         self._connection: Connection | None = None
         database = _sqlite_file(engine)
         self._checkpointer = WalCheckpointer(database) if database is not None else None
@@ -92,9 +88,6 @@ class EventWriter:
         if self._connection is not None:
             self._connection.close()
             self._connection = None
-        if self._write_lock_fd is not None:
-            os.close(self._write_lock_fd)
-            self._write_lock_fd = None
 
     def _ensure_started(self) -> None:
         if self._thread is None:
@@ -108,28 +101,38 @@ class EventWriter:
                         self._checkpointer.start()
 
     def _run(self) -> None:
-        while True:
+        stopping = False
+        while not stopping:
             first = self._queue.get()
             if first is None:
                 return
-            batch = first
-            stop = False
-            while len(batch) < MAX_BATCH:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    stop = True
-                    break
-                batch.extend(item)
-            self._commit(batch)
-            if stop:
-                return
+            stopping = self._commit(first, gather=True)
 
-    def _commit(self, batch: list[_Pending]) -> None:
+    def _gather(self, batch: list[_Pending]) -> bool:
+        """Add what was handed over since `batch` was taken; True once `close()` asked to stop."""
+        while len(batch) < MAX_BATCH:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return False
+            if item is None:
+                return True
+            batch.extend(item)
+        return False
+
+    def _commit(self, batch: list[_Pending], *, gather: bool = False) -> bool:
+        """Store `batch` in one transaction and answer it; with `gather`, the transaction also
+        takes every delivery handed over until it began. Returns whether to stop afterwards.
+
+        Gathering once the transaction has begun, not before, matters when others write to the
+        same database (workers, on SQLite): deliveries that arrive while this writer waits for
+        its turn join this commit instead of waiting for a turn of their own.
+        """
+        stopping = False
         try:
-            with self._write_turn(), self._transaction() as connection:
+            with self._transaction() as connection:
+                if gather:
+                    stopping = self._gather(batch)
                 results = record_batch(
                     connection,
                     [p.arrival for p in batch],
@@ -138,20 +141,21 @@ class EventWriter:
                 )
         except StoreUnavailable as exc:
             _settle([(pending, None, exc) for pending in batch])
-            return
+            return stopping
         except Exception as exc:
             if len(batch) > 1:
                 # One bad delivery must not fail the others: store them one by one.
                 for pending in batch:
                     self._commit([pending])
-                return
+                return stopping
             event_id = batch[0].arrival.event.event_id
             log.error("ingest write failed", error=repr(exc), event_id=event_id)
             _settle([(batch[0], None, _as_unavailable(exc))])
-            return
+            return stopping
         _settle([(p, r, None) for p, r in zip(batch, results, strict=True)])
         if self._checkpointer is not None:
             self._checkpointer.committed()
+        return stopping
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[Connection]:
@@ -190,31 +194,6 @@ class EventWriter:
                 connection.invalidate()
                 connection.close()
 
-    @contextlib.contextmanager
-    def _write_turn(self) -> Iterator[None]:
-        """On SQLite, this process's turn at the one write lock among ingest writers.
-
-        SQLite lets one transaction write at a time; a second server process that finds the lock
-        taken sleeps in SQLite's busy handler (growing naps, p99 near a second). An exclusive
-        `flock` on a file beside the database, held from before BEGIN IMMEDIATE to after COMMIT,
-        queues the ingest writers of every process in the kernel instead, which wakes the next
-        one the moment the lock is released: several server processes alternate group commits.
-        """
-        if self._write_lock_path is None:
-            yield
-            return
-        if self._write_lock_fd is None:
-            try:
-                self._write_lock_fd = os.open(self._write_lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-            except OSError:  # e.g. the directory does not exist yet: SQLite's own lock still holds
-                yield
-                return
-        fcntl.flock(self._write_lock_fd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(self._write_lock_fd, fcntl.LOCK_UN)
-
 
 def _sqlite_file(engine: Engine) -> str | None:
     if engine.dialect.name != "sqlite":
@@ -223,11 +202,6 @@ def _sqlite_file(engine: Engine) -> str | None:
     if not database or database == ":memory:" or database.startswith("file:"):
         return None
     return database
-
-
-def _write_lock_path(engine: Engine) -> str | None:
-    database = _sqlite_file(engine)
-    return None if database is None else database + "-ingest-lock"
 
 
 def _as_unavailable(exc: Exception) -> BillhookError:

@@ -1,4 +1,4 @@
-"""Engine factory: SQLite (WAL, FULL sync, one writer at a time) or PostgreSQL (psycopg 3)."""
+"""Engine factory: SQLite (WAL, FULL sync, writers take turns) or PostgreSQL (psycopg 3)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection, Engine
 
 from billhook.errors import StoreUnavailable
+from billhook.store.write_turns import TurnTakingConnection
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -30,7 +31,11 @@ def create_engine(url: str, **kwargs: Any) -> Engine:
     if url.startswith("sqlite"):
         engine = sa.create_engine(
             url,
-            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
+            connect_args={
+                "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000,
+                "check_same_thread": False,
+                "factory": TurnTakingConnection,
+            },
             **kwargs,
         )
         _configure_sqlite(engine)
@@ -57,7 +62,11 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Connection) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        dbapi_connection = connection.connection.dbapi_connection
+        if isinstance(dbapi_connection, TurnTakingConnection):
+            dbapi_connection.begin_immediate()  # waits for this database's write turn
+        else:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def is_sqlite(engine: Engine) -> bool:
