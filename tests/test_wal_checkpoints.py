@@ -7,7 +7,12 @@ import threading
 import time
 from pathlib import Path
 
-from billhook.store.wal_checkpoints import WRITER_AUTOCHECKPOINT_PAGES, WalCheckpointer
+from billhook.store.engine import create_engine
+from billhook.store.wal_checkpoints import (
+    WRITER_AUTOCHECKPOINT_PAGES,
+    WalCheckpointer,
+    checkpointer_for,
+)
 
 
 def _writer(path: Path) -> sqlite3.Connection:
@@ -51,7 +56,6 @@ def test_commits_are_copied_into_the_database_file_soon_after(tmp_path: Path) ->
     path = tmp_path / "checkpointed.db"
     writer = _writer(path)
     checkpointer = WalCheckpointer(str(path), interval=0.01)
-    checkpointer.start()
     try:
         _commit_pages(writer, 20)
         checkpointer.committed()
@@ -75,7 +79,6 @@ def test_close_returns_even_when_asked_during_the_wait_between_checkpoints(
     _commit_pages(writer, 1)
     for _ in range(20):
         checkpointer = WalCheckpointer(str(path), interval=0.005)
-        checkpointer.start()
         checkpointer.committed()
         time.sleep(0.002)  # close while the thread sleeps before its checkpoint
         closer = threading.Thread(target=checkpointer.close)
@@ -88,8 +91,56 @@ def test_close_returns_even_when_asked_during_the_wait_between_checkpoints(
 def test_a_missing_database_file_is_never_created(tmp_path: Path) -> None:
     path = tmp_path / "absent.db"
     checkpointer = WalCheckpointer(str(path), interval=0.001)
-    checkpointer.start()
     checkpointer.committed()
     time.sleep(0.05)
     checkpointer.close()
     assert not path.exists()
+
+
+def test_the_thread_ends_when_commits_stop_and_starts_again_with_the_next(tmp_path: Path) -> None:
+    path = tmp_path / "idle.db"
+    writer = _writer(path)
+    checkpointer = WalCheckpointer(str(path), interval=0.001, idle_exit=0.05)
+    try:
+        _commit_pages(writer, 1)
+        checkpointer.committed()
+        assert checkpointer.running
+        deadline = time.monotonic() + 5
+        while checkpointer.running and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not checkpointer.running  # idle: no thread, no connection left on the file
+        _commit_pages(writer, 20)
+        checkpointer.committed()
+        assert checkpointer.running
+        while _frames_not_yet_copied(path) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sqlite3.connect(path).execute("SELECT count(*) FROM t").fetchone()[0] == 420
+        assert path.stat().st_size >= 1_000_000  # the second round reached the database file
+    finally:
+        checkpointer.close()
+        writer.close()
+
+
+def test_an_engines_commits_are_checkpointed_by_its_process_checkpointer(tmp_path: Path) -> None:
+    """billhook's engines raise SQLite's threshold and hand checkpoints to `checkpointer_for`:
+    the database file grows although no commit came near the threshold."""
+    path = tmp_path / "engine.db"
+    engine = create_engine(f"sqlite:///{path}")
+    try:
+        with engine.begin() as connection:
+            threshold = connection.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar_one()
+            connection.exec_driver_sql("CREATE TABLE t (id INTEGER PRIMARY KEY, body BLOB)")
+        assert threshold == WRITER_AUTOCHECKPOINT_PAGES
+        for _ in range(200):
+            with engine.begin() as connection:
+                connection.exec_driver_sql(
+                    "INSERT INTO t (body) SELECT zeroblob(3000) FROM (SELECT 1 UNION ALL SELECT 2)"
+                )
+        assert checkpointer_for(str(path)).running
+        deadline = time.monotonic() + 5
+        while path.stat().st_size < 1_000_000 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert path.stat().st_size >= 1_000_000  # 400 rows of 3 KB, copied out of the WAL
+    finally:
+        engine.dispose()
+        checkpointer_for(str(path)).close()

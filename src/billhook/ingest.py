@@ -23,7 +23,6 @@ from billhook.observability import get_logger
 from billhook.sources import IncomingEvent
 from billhook.store.engine import DRIVER_ERRORS, unavailable
 from billhook.store.events import Arrival, Recorded, record_batch
-from billhook.store.wal_checkpoints import WRITER_AUTOCHECKPOINT_PAGES, WalCheckpointer
 
 MAX_BATCH = 256
 
@@ -52,8 +51,6 @@ class EventWriter:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._connection: Connection | None = None
-        database = _sqlite_file(engine)
-        self._checkpointer = WalCheckpointer(database) if database is not None else None
 
     async def store(self, event: IncomingEvent, received_at: float) -> Recorded:
         """Return once the delivery is committed; raise `StoreUnavailable` if it cannot be."""
@@ -83,8 +80,6 @@ class EventWriter:
         if thread is not None:
             self._queue.put(None)
             thread.join()
-        if self._checkpointer is not None:
-            self._checkpointer.close()
         if self._connection is not None:
             self._connection.close()
             self._connection = None
@@ -97,8 +92,6 @@ class EventWriter:
                         target=self._run, name="billhook-event-writer", daemon=True
                     )
                     self._thread.start()
-                    if self._checkpointer is not None:
-                        self._checkpointer.start()
 
     def _run(self) -> None:
         stopping = False
@@ -153,8 +146,6 @@ class EventWriter:
             _settle([(batch[0], None, _as_unavailable(exc))])
             return stopping
         _settle([(p, r, None) for p, r in zip(batch, results, strict=True)])
-        if self._checkpointer is not None:
-            self._checkpointer.committed()
         return stopping
 
     @contextlib.contextmanager
@@ -167,7 +158,7 @@ class EventWriter:
         """
         try:
             if self._connection is None:
-                self._connection = self._open_connection()
+                self._connection = self._engine.connect()
             connection = self._connection
             with connection.begin():
                 yield connection
@@ -179,29 +170,12 @@ class EventWriter:
                 self._drop_connection()
             raise
 
-    def _open_connection(self) -> Connection:
-        connection = self._engine.connect()
-        if self._checkpointer is not None:
-            # This writer's commits leave checkpoints to the checkpointer thread.
-            connection.exec_driver_sql(f"PRAGMA wal_autocheckpoint={WRITER_AUTOCHECKPOINT_PAGES}")
-            connection.commit()
-        return connection
-
     def _drop_connection(self) -> None:
         connection, self._connection = self._connection, None
         if connection is not None:
             with contextlib.suppress(Exception):
                 connection.invalidate()
                 connection.close()
-
-
-def _sqlite_file(engine: Engine) -> str | None:
-    if engine.dialect.name != "sqlite":
-        return None
-    database = engine.url.database
-    if not database or database == ":memory:" or database.startswith("file:"):
-        return None
-    return database
 
 
 def _as_unavailable(exc: Exception) -> BillhookError:

@@ -12,6 +12,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection, Engine
 
 from billhook.errors import StoreUnavailable
+from billhook.store.wal_checkpoints import WRITER_AUTOCHECKPOINT_PAGES, checkpointer_for
 from billhook.store.write_turns import TurnTakingConnection
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -48,6 +49,13 @@ def create_engine(url: str, **kwargs: Any) -> Engine:
 
 
 def _configure_sqlite(engine: Engine) -> None:
+    database = engine.url.database
+    checkpointer = (
+        checkpointer_for(database)
+        if database and database != ":memory:" and not database.startswith("file:")
+        else None
+    )
+
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Let SQLAlchemy's "begin" event issue BEGIN IMMEDIATE instead of pysqlite's deferred BEGIN,
@@ -58,6 +66,10 @@ def _configure_sqlite(engine: Engine) -> None:
         cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         cursor.execute("PRAGMA foreign_keys=ON")
+        if checkpointer is not None and isinstance(dbapi_connection, TurnTakingConnection):
+            # Commits leave checkpoints to this process's checkpointer thread.
+            cursor.execute(f"PRAGMA wal_autocheckpoint={WRITER_AUTOCHECKPOINT_PAGES}")
+            dbapi_connection.after_write = checkpointer.committed
         cursor.close()
 
     @event.listens_for(engine, "begin")

@@ -1,16 +1,20 @@
-"""`WalCheckpointer`: copies committed SQLite WAL pages into the database file beside a writer.
+"""`WalCheckpointer`: copies committed SQLite WAL pages into the database file, off the commits.
 
 SQLite checkpoints from inside the COMMIT that finds the WAL past its threshold (1,000 pages by
-default), and the whole batch of that commit waits while ~4 MB are copied and synced. At ingest
-rates the WAL grows by that much every few dozen milliseconds. So the ingest writer raises its
-own threshold (`WRITER_AUTOCHECKPOINT_PAGES`) and this thread runs a PASSIVE checkpoint instead,
-at most every `interval` seconds while commits arrive. A PASSIVE checkpoint never blocks a writer
-and is skipped while one runs.
+default): that commit's transaction, and on SQLite every writer queued behind its write turn,
+waits while ~4 MB are copied and synced. At ingest rates the WAL grows by that much every few
+dozen milliseconds. So billhook's SQLite connections raise the threshold
+(`WRITER_AUTOCHECKPOINT_PAGES`) and each process runs one `WalCheckpointer` thread per database
+file (`checkpointer_for`), which runs a PASSIVE checkpoint at most every `interval` seconds while
+commits arrive. A PASSIVE checkpoint never blocks a writer and is skipped while another runs.
 
 Spacing the checkpoints matters as much as moving them: a checkpoint copies each changed page
 once, however many commits rewrote it in the meantime. The right-most pages of every append
 index and table are rewritten by nearly every group commit, and a checkpoint after every commit
 copied them every time (measured: about a fifth of the writer's CPU per event).
+
+The thread starts with the first commit and ends after `idle_exit` seconds without one, so a
+process that stops writing to a database keeps no thread or connection open on it.
 
 Durability is unchanged: the WAL is synced at every commit, and the database file is synced
 before SQLite reuses the WAL.
@@ -18,57 +22,74 @@ before SQLite reuses the WAL.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
 from pathlib import Path
 
-# The ingest writer's `wal_autocheckpoint`: high enough that its commits almost never checkpoint
-# themselves while this thread keeps up, low enough (~40 MB of WAL) to bound the file if it
-# cannot (a reader holding an old snapshot, this thread stopped).
+# billhook's `wal_autocheckpoint`: high enough that commits almost never checkpoint themselves
+# while the checkpointer keeps up, low enough (~40 MB of WAL) to bound the file if it cannot
+# (a reader holding an old snapshot).
 WRITER_AUTOCHECKPOINT_PAGES = 10_000
 DEFAULT_INTERVAL_S = 0.025
+IDLE_EXIT_S = 2.0
 
 
 class WalCheckpointer:
     """A thread that checkpoints `database` after commits, at most every `interval` seconds."""
 
-    def __init__(self, database: str, *, interval: float = DEFAULT_INTERVAL_S) -> None:
+    def __init__(
+        self, database: str, *, interval: float = DEFAULT_INTERVAL_S, idle_exit: float = IDLE_EXIT_S
+    ) -> None:
         self._database = database
         self._interval = interval
+        self._idle_exit = idle_exit
         self._wake = threading.Event()
-        self._stopping = False
+        self._lock = threading.Lock()
+        self._closed = False
         self._thread: threading.Thread | None = None
 
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(
-                target=self._run, name="billhook-checkpointer", daemon=True
-            )
-            self._thread.start()
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
 
     def committed(self) -> None:
-        """A commit added pages to the WAL: checkpoint them soon."""
-        self._wake.set()
-
-    def close(self) -> None:
-        self._stopping = True
+        """A commit added pages to the WAL: checkpoint them soon (starting the thread if idle)."""
         self._wake.set()
         if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+            return
+        with self._lock:
+            if self._thread is None and not self._closed:
+                self._thread = threading.Thread(
+                    target=self._run, name="billhook-checkpointer", daemon=True
+                )
+                self._thread.start()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            thread = self._thread
+        self._wake.set()
+        if thread is not None:
+            thread.join()
 
     def _run(self) -> None:
         connection: sqlite3.Connection | None = None
         try:
             while True:
-                self._wake.wait()
-                if self._stopping:
+                if not self._wake.wait(self._idle_exit):
+                    with self._lock:  # committed() starts a new thread once this one is gone
+                        if not self._wake.is_set():
+                            self._thread = None
+                            return
+                    continue
+                if self._closed:
                     return
                 # Let the commits of the next few milliseconds join this checkpoint.
                 time.sleep(self._interval)
                 self._wake.clear()
-                if self._stopping:  # close() may have set it, and the wake-up, while we slept
+                if self._closed:  # close() may have set it, and the wake-up, while we slept
                     return
                 connection = self._checkpoint(connection)
         finally:
@@ -93,3 +114,27 @@ class WalCheckpointer:
             if connection is not None:
                 connection.close()
             return None
+
+
+_shared: dict[str, WalCheckpointer] = {}
+_shared_lock = threading.Lock()
+
+
+def checkpointer_for(database: str) -> WalCheckpointer:
+    """This process's checkpointer for the SQLite file `database` (one per file, shared)."""
+    key = os.path.realpath(database)
+    with _shared_lock:
+        found = _shared.get(key)
+        if found is None:
+            found = _shared[key] = WalCheckpointer(key)
+        return found
+
+
+def _forget_after_fork() -> None:
+    """A forked child has none of its parent's threads: it starts checkpointers of its own."""
+    global _shared_lock
+    _shared.clear()
+    _shared_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)

@@ -8,6 +8,9 @@ beside the database (`<database>-write-turn`) and gives it back after its COMMIT
 so the writers of every process and thread wait in the kernel, which wakes the next one the
 moment the turn is free. flock locks belong to the open file, so every connection opens its own.
 
+A connection's `after_write` (set by the engine: its database's WAL checkpointer) is called
+after each commit that changed rows, once the turn is given back.
+
 SQLite's own lock still guards the data; the turn only orders the waiting. A process killed
 mid-transaction gives its turn back with its files. A thread that already holds a turn through
 one connection and begins on another does not wait for itself: it goes straight to SQLite's
@@ -22,6 +25,7 @@ import fcntl
 import os
 import sqlite3
 import threading
+from collections.abc import Callable
 from typing import Any
 
 # Threads holding a turn (by ident), whichever connection took it and whichever thread ends it.
@@ -35,6 +39,8 @@ class TurnTakingConnection(sqlite3.Connection):
         super().__init__(database, *args, **kwargs)
         self._turn_fd: int | None = None
         self._holder: int | None = None
+        self._changes_at_begin = 0
+        self.after_write: Callable[[], None] | None = None
         if database and database != ":memory:" and not database.startswith("file:"):
             with contextlib.suppress(OSError):  # no such directory: SQLite will say so itself
                 self._turn_fd = os.open(database + "-write-turn", os.O_RDWR | os.O_CREAT, 0o600)
@@ -42,6 +48,7 @@ class TurnTakingConnection(sqlite3.Connection):
     def begin_immediate(self) -> None:
         """Wait for this database's write turn, then `BEGIN IMMEDIATE`."""
         self._take_turn()
+        self._changes_at_begin = self.total_changes
         try:
             self.execute("BEGIN IMMEDIATE")
         except BaseException:
@@ -53,6 +60,8 @@ class TurnTakingConnection(sqlite3.Connection):
             super().commit()
         finally:
             self._give_turn_back()
+        if self.after_write is not None and self.total_changes != self._changes_at_begin:
+            self.after_write()
 
     def rollback(self) -> None:
         try:
