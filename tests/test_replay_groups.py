@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from billhook.ops import replay as replay_module
+from billhook.ops import replay_apply
 from billhook.ops.replay_selection import load_events
 from billhook.store.engine import transaction
 from billhook.store.schema import effects, event_outcomes, events, events_with_outcomes, invoices
@@ -31,7 +31,7 @@ def test_an_unreadable_invoice_fails_its_events_and_the_rest_of_the_group_is_app
 
     result = run(engine)
 
-    assert replay_module.GROUP >= 4  # all four events would fit one group
+    assert replay_apply.GROUP >= 4  # all four events would fit one group
     assert result.applied == 2
     assert sorted(f.event_id for f in result.failed) == ["e1", "e2"]
     with engine.connect() as connection:

@@ -1,9 +1,9 @@
 """Which stored events a replay touches: by provider id, by invoice, or by arrival-time filter.
 
-`Selection` is what the operator asked for; `select_events` turns it into event primary keys in
-provider order, `plan_replay` counts them and the invoices they are about, and `load_events`
-reads their stored raw bodies in chunks (the body is the source of truth: no signature or
-timestamp check again). Reads run in short transactions so a long replay never holds SQLite's
+`Selection` is what the operator asked for; `plan_replay` turns it into event primary keys in
+provider order and counts them and the invoices they are about, and `load_events` reads their
+stored raw bodies in chunks (the body is the source of truth: no signature or timestamp check
+again). Reads run in short transactions so a long replay never holds SQLite's
 write lock between chunks.
 """
 
