@@ -1,12 +1,12 @@
 """The batched dispatcher on a real SMTP server (aiosmtpd) and a real Maildir: one connection
-carries the batches, a refusal fails only its own message, a dropped connection is replaced, a
-slow batch checkpoints (and never hands over a row whose lease it lost)."""
+carries the batches, a refusal fails only its own message, a slow batch checkpoints (and never
+hands over a row whose lease it lost). A dropped connection being replaced is in
+test_effects_pipelining.py, with PIPELINING and without."""
 
 from __future__ import annotations
 
 import email
 import mailbox
-import time
 from email.message import EmailMessage
 from email.policy import default as default_policy
 from pathlib import Path
@@ -139,36 +139,6 @@ def test_one_connection_carries_the_batches_and_a_refusal_fails_only_its_message
     assert len(inbox.connections()) == 1
     (history,) = effect_timeline(engine, "in_refused")
     assert [a.outcome for a in history.history] == ["failed", "sent"]
-    engine.dispose()
-
-
-def test_a_connection_the_server_dropped_is_replaced_without_failing_the_message(
-    sqlite_url: str, tmp_path: Path
-) -> None:
-    inbox = Inbox()
-    # The server closes a connection idle for 0.3 s (aiosmtpd's `timeout`).
-    controller = Controller(inbox, hostname="127.0.0.1", port=free_port(), timeout=0.3)
-    controller.start()
-    engine = create_engine(sqlite_url)
-    clock = Clock()
-    try:
-        settings = settings_for(
-            sqlite_url, tmp_path, smtp_url=f"smtp://127.0.0.1:{controller.port}"
-        )
-        dispatcher = EffectDispatcher(engine, settings, clock=clock)
-        enqueue(engine, settings, [Receipt("in_before")], clock.now)
-        assert dispatcher.run_once() == 1
-        time.sleep(1.0)  # the server has closed the kept connection by now
-        enqueue(engine, settings, [Receipt("in_after")], clock.now)
-        assert dispatcher.run_once() == 1
-        dispatcher.close()
-    finally:
-        controller.stop()
-    assert inbox.keys() == ["payment_receipt:in_before", "payment_receipt:in_after"]
-    assert len(inbox.connections()) == 2
-    assert states(engine) == {"in_before": "sent", "in_after": "sent"}
-    (history,) = effect_timeline(engine, "in_after")
-    assert [a.outcome for a in history.history] == ["sent"]
     engine.dispose()
 
 
