@@ -144,3 +144,26 @@ def test_an_engines_commits_are_checkpointed_by_its_process_checkpointer(tmp_pat
     finally:
         engine.dispose()
         checkpointer_for(str(path)).close()
+
+
+def test_checkpointers_of_one_file_share_one_rate(tmp_path: Path) -> None:
+    """Three checkpointers (as in three processes) on one file, commits for a second: about one
+    checkpoint per interval in all (each alone would run one per interval: ~50 in all)."""
+    path = tmp_path / "shared.db"
+    writer = _writer(path)
+    checkpointers = [WalCheckpointer(str(path), interval=0.05) for _ in range(3)]
+    try:
+        commits = 0
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end:
+            _commit_pages(writer, 1)
+            checkpointers[commits % 3].committed()
+            commits += 1
+            time.sleep(0.002)
+    finally:
+        for checkpointer in checkpointers:
+            checkpointer.close()
+        writer.close()
+    ran = sum(checkpointer.checkpoints for checkpointer in checkpointers)
+    assert 1 <= ran <= 32, f"{ran} checkpoints in one second at one per 50 ms"
+    assert path.stat().st_size > 1_000_000  # and they did copy the commits into the file
