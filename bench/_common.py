@@ -234,6 +234,11 @@ class PostfixSink:
         return sum(1 for _ in os.scandir(self._dir))
 
     @property
+    def pid(self) -> int | None:
+        """Its process (its CPU is not this process's, as aiosmtpd's is)."""
+        return None if self._process is None else self._process.pid
+
+    @property
     def received(self) -> list[tuple[float, bytes]]:
         return [
             (entry.stat().st_mtime_ns / 1e9, Path(entry.path).read_bytes())
