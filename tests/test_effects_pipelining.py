@@ -2,10 +2,14 @@
 go in one write; every refusal still fails only its own message, sends none of its content and
 leaves the connection in step for the next; a server without PIPELINING gets one command at a
 time; a dropped kept connection is replaced before anything of the message was sent, with
-PIPELINING and without."""
+PIPELINING and without. In a batch (`hand` / `settle`), a message's content goes
+in the same write as the next message's envelope: one round trip a message, each message still
+sent only on its own final 250; a connection lost after a message's content fails that message,
+and the message pipelined behind it starts again on a new connection."""
 
 from __future__ import annotations
 
+import asyncio
 import email
 import re
 import time
@@ -19,7 +23,7 @@ from aiosmtpd.controller import Controller
 
 from billhook.config import Settings
 from billhook.effects import EffectDispatcher, effect_timeline
-from billhook.effects.mailer import SmtpMailer, _content
+from billhook.effects.mailer import SmtpMailer, Verdict, _content
 from billhook.effects.render import OutgoingEmail, render_email
 from billhook.store.engine import create_engine
 from live_server import free_port
@@ -33,13 +37,23 @@ REFUSED_RECIPIENT = "nobody@example.com"
 
 class Server:
     """aiosmtpd's handler: offers PIPELINING (or not), refuses one sender and one recipient,
-    and notes, when RCPT arrives, what the client had already sent after it."""
+    and notes, when RCPT arrives, what the client had already sent after it; `commands` notes
+    each command (the end of a message's content as "content") with its connection and the
+    bytes already waiting behind it. `actions` names messages (by subject, or by invoice id) to
+    refuse ("refuse": 554 to the content), to drop the connection at ("drop": no reply), or to
+    answer only after `stall_seconds` ("stall"); after a drop, with `closed_after_drop`, every
+    MAIL is refused 421."""
 
     def __init__(self, *, pipelining: bool = True) -> None:
         self.pipelining = pipelining
         self.received: list[tuple[tuple[str, int], Message, list[str]]] = []
         self.after_rcpt: list[bytes] = []
+        self.commands: list[tuple[str, tuple[str, int], bytes]] = []
         self.refuse_content = False
+        self.actions: dict[str, str] = {}
+        self.stall_seconds = 0.0
+        self.closed_after_drop = False
+        self.dropped = False
 
     async def handle_EHLO(
         self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
@@ -52,8 +66,11 @@ class Server:
     async def handle_MAIL(
         self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
     ) -> str:
+        self._note("MAIL", server, session)
         if address == REFUSED_SENDER:
             return "550 5.7.1 sender blocked"
+        if self.dropped and self.closed_after_drop:
+            return "421 4.3.2 service shutting down"
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return "250 OK"
@@ -61,6 +78,7 @@ class Server:
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
     ) -> str:
+        self._note("RCPT", server, session)
         # Bytes already waiting behind RCPT: "DATA\r\n" when the client pipelined.
         self.after_rcpt.append(bytes(server._reader._buffer))
         if address == REFUSED_RECIPIENT:
@@ -68,18 +86,46 @@ class Server:
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
+    async def handle_RSET(self, server: Any, session: Any, envelope: Any) -> str:
+        self._note("RSET", server, session)
+        return "250 OK"
+
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self._note("content", server, session)
         if self.refuse_content:
             return "452 4.3.1 insufficient storage"
         parsed = email.message_from_bytes(envelope.content)
+        action = self.actions.get(name(parsed))
+        if action == "refuse":
+            return "554 5.6.0 message refused"
+        if action == "drop":
+            # The connection goes, the message's verdict never leaves the server.
+            self.dropped = True
+            server.transport.abort()
+            return "250 OK"
         self.received.append((session.peer, parsed, list(envelope.rcpt_tos)))
+        if action == "stall":
+            # Taken, but answered too late (the client may have gone by then).
+            await asyncio.sleep(self.stall_seconds)
         return "250 OK"
+
+    def _note(self, command: str, server: Any, session: Any) -> None:
+        self.commands.append((command, session.peer, bytes(server._reader._buffer)))
 
     def subjects(self) -> list[str]:
         return [str(message["Subject"]) for _, message, _ in self.received]
 
+    def names(self) -> list[str]:
+        return [name(message) for _, message, _ in self.received]
+
     def connections(self) -> set[tuple[str, int]]:
         return {peer for peer, _, _ in self.received}
+
+
+def name(message: Message) -> str:
+    """A test message's subject, or a receipt's invoice id."""
+    key = message["X-Billhook-Idempotency-Key"]
+    return str(key).removeprefix("payment_receipt:") if key else str(message["Subject"])
 
 
 @pytest.fixture
@@ -243,3 +289,162 @@ def test_an_international_address_goes_command_by_command_with_smtputf8(tmp_path
     assert handler.after_rcpt == [b"", b"DATA\r\n"]
     assert [rcpt for _, _, rcpt in handler.received] == [["jöe@exämple.com"], ["jane@example.com"]]
     assert len(handler.connections()) == 1
+
+
+def envelope(recipient: str, raw: bytes, sender: str = SENDER) -> bytes:
+    """MAIL, RCPT and DATA as the client pipelines them (aiosmtpd offers SIZE)."""
+    return f"MAIL FROM:<{sender}> SIZE={len(raw)}\r\nRCPT TO:<{recipient}>\r\nDATA\r\n".encode()
+
+
+def outcomes(verdicts: list[Verdict]) -> list[tuple[str, str | None]]:
+    """(subject, error type or None) of each verdict."""
+    return [
+        (
+            str(email.message_from_bytes(v.message.raw)["Subject"]),
+            None if v.error is None else type(v.error).__name__,
+        )
+        for v in verdicts
+    ]
+
+
+def test_a_batch_costs_one_round_trip_a_message(server: tuple[Server, int]) -> None:
+    """Each message's content and the next message's envelope reach the server together,
+    before it answered the content: the client waited once a message (and once more for the
+    last content), and each message has its own verdict."""
+    handler, port = server
+    mailer = SmtpMailer(f"smtp://127.0.0.1:{port}")
+    one, two, three = message("one"), message("two"), message("three")
+    assert mailer.hand(one, sender=SENDER, recipient="a@example.com") == []
+    assert outcomes(mailer.hand(two, sender=SENDER, recipient="b@example.com")) == [("one", None)]
+    assert outcomes(mailer.hand(three, sender=SENDER, recipient="c@example.com")) == [("two", None)]
+    assert outcomes(mailer.settle()) == [("three", None)]
+    assert mailer.settle() == []
+    mailer.close()
+
+    assert handler.subjects() == ["one", "two", "three"]
+    assert len(handler.connections()) == 1
+    rcpt, data = b"RCPT TO:<%s>\r\nDATA\r\n", b"DATA\r\n"
+    assert [(command, behind) for command, _, behind in handler.commands] == [
+        ("MAIL", rcpt % b"a@example.com"),
+        ("RCPT", data),
+        ("content", envelope("b@example.com", two.raw)),
+        ("MAIL", rcpt % b"b@example.com"),
+        ("RCPT", data),
+        ("content", envelope("c@example.com", three.raw)),
+        ("MAIL", rcpt % b"c@example.com"),
+        ("RCPT", data),
+        ("content", b""),
+    ]
+
+
+def test_a_refused_content_fails_its_message_while_the_next_envelope_is_already_sent(
+    server: tuple[Server, int],
+) -> None:
+    handler, port = server
+    handler.actions = {"refused": "refuse"}
+    mailer = SmtpMailer(f"smtp://127.0.0.1:{port}")
+    refused, after = message("refused"), message("after")
+    assert outcomes(mailer.hand(message("before"), sender=SENDER, recipient="a@example.com")) == []
+    assert outcomes(mailer.hand(refused, sender=SENDER, recipient="b@example.com")) == [
+        ("before", None)
+    ]
+    verdicts = mailer.hand(after, sender=SENDER, recipient="c@example.com")
+    assert outcomes(verdicts) == [("refused", "SMTPDataError")]
+    assert "554" in str(verdicts[0].error)
+    assert outcomes(mailer.settle()) == [("after", None)]
+    mailer.close()
+
+    assert handler.subjects() == ["before", "after"]
+    assert len(handler.connections()) == 1
+    # The refusal was the 554 to the content; "after"'s envelope was already behind it, and is
+    # answered as it came: no RSET anywhere.
+    commands = [(command, behind) for command, _, behind in handler.commands]
+    assert [command for command, _ in commands] == ["MAIL", "RCPT", "content"] * 3
+    assert commands[5] == ("content", envelope("c@example.com", after.raw))
+
+
+def test_the_message_behind_a_dropped_connection_is_not_sent_without_its_own_250(
+    server: tuple[Server, int],
+) -> None:
+    """The server drops the connection after "dropped"'s content, with "behind"'s envelope
+    already sent: "dropped" fails (its verdict never came), "behind" starts again on a new
+    connection, where the server refuses it: it fails too, nothing of it having been accepted."""
+    handler, port = server
+    handler.actions = {"dropped": "drop"}
+    handler.closed_after_drop = True
+    mailer = SmtpMailer(f"smtp://127.0.0.1:{port}")
+    dropped, behind = message("dropped"), message("behind")
+    assert mailer.hand(dropped, sender=SENDER, recipient="a@example.com") == []
+    verdicts = mailer.hand(behind, sender=SENDER, recipient="b@example.com")
+    assert outcomes(verdicts) == [
+        ("dropped", "SMTPServerDisconnected"),
+        ("behind", "SMTPSenderRefused"),
+    ]
+    assert "421" in str(verdicts[1].error)
+    assert mailer.settle() == []
+    mailer.close()
+
+    assert handler.received == []
+    first = handler.commands[0][1]
+    # "behind"'s envelope went behind "dropped"'s content, and was never answered there; it
+    # was sent again on a second connection, where MAIL was refused.
+    assert ("content", first, envelope("b@example.com", behind.raw)) in handler.commands
+    assert [(c, peer == first) for c, peer, _ in handler.commands] == [
+        ("MAIL", True),
+        ("RCPT", True),
+        ("content", True),
+        ("MAIL", False),
+        ("RSET", False),
+    ]
+
+
+def test_an_international_message_goes_alone_between_pipelined_ones(tmp_path: Path) -> None:
+    """The message waiting for its content is settled alone (nothing behind its content), the
+    SMTPUTF8 one goes command by command, and the next one is pipelined again."""
+    handler = Server()
+    controller = Controller(handler, hostname="127.0.0.1", port=free_port(), enable_SMTPUTF8=True)
+    controller.start()
+    try:
+        rendered = render_email(
+            kind="payment_receipt",
+            idempotency_key="payment_receipt:in_utf8",
+            payload={"invoice_id": "in_utf8", "currency": "eur", "amount": 1234},
+            recipient="jöe@exämple.com",
+            created_at=1_700_000_000.0,
+            settings=Settings(database_url="sqlite://", data_dir=str(tmp_path)),
+        )
+        mailer = SmtpMailer(f"smtp://127.0.0.1:{controller.port}")
+        assert mailer.hand(message("before"), sender=SENDER, recipient="a@example.com") == []
+        before, international = mailer.hand(rendered, sender=SENDER, recipient="jöe@exämple.com")
+        assert outcomes([before]) == [("before", None)]
+        assert international == Verdict(rendered, None)
+        assert mailer.hand(message("after"), sender=SENDER, recipient="b@example.com") == []
+        assert outcomes(mailer.settle()) == [("after", None)]
+        mailer.close()
+    finally:
+        controller.stop()
+    assert [name(m) for _, m, _ in handler.received] == ["before", "in_utf8", "after"]
+    assert len(handler.connections()) == 1
+    behind = [b for command, _, b in handler.commands if command in ("RCPT", "content")]
+    assert behind == [b"DATA\r\n", b"", b"", b"", b"DATA\r\n", b""]
+
+
+def test_closing_with_a_message_waiting_drops_it_unsent_at_once(
+    server: tuple[Server, int],
+) -> None:
+    """The server reads content after DATA's 354: closing then sends no QUIT (it would be read
+    as content, and its answer waited for until the timeout) and the message is not sent."""
+    handler, port = server
+    mailer = SmtpMailer(f"smtp://127.0.0.1:{port}", timeout=10.0)
+    assert mailer.hand(message("waiting"), sender=SENDER, recipient="a@example.com") == []
+    started = time.monotonic()
+    mailer.close()
+    assert time.monotonic() - started < 5.0
+    assert mailer.settle() == []
+    mailer.send(message("after"), sender=SENDER, recipient="b@example.com")
+    mailer.close()
+    assert handler.subjects() == ["after"]
+    assert [command for command, _, _ in handler.commands] == [
+        *["MAIL", "RCPT"],
+        *["MAIL", "RCPT", "content"],
+    ]
