@@ -237,3 +237,75 @@ def test_a_row_whose_lease_was_lost_mid_batch_is_not_handed_over_by_the_old_disp
         "in_2": ["sending", "resent"],
     }
     engine.dispose()
+
+
+class SlowPipelinedInbox(Inbox):
+    """Offers PIPELINING; each message's content costs `seconds` of the dispatcher's clock, and
+    notes the rows' states and what the client had already sent behind it."""
+
+    def __init__(self, engine: Engine, clock: Clock, seconds: float) -> None:
+        super().__init__()
+        self._engine = engine
+        self._clock = clock
+        self._seconds = seconds
+        self.seen: list[dict[str, str]] = []
+        self.behind: list[bytes] = []
+
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.seen.append(states(self._engine))
+        self.behind.append(bytes(server._reader._buffer))
+        self._clock.now += self._seconds
+        return await super().handle_DATA(server, session, envelope)
+
+
+def test_a_slow_pipelined_batch_settles_the_waiting_message_before_its_checkpoint(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Each content takes 0.3 of the lease. Before the 4th hand-over (past half the lease) the
+    3rd message, waiting for its content, gets it alone and its verdict, and is committed `sent`
+    with the checkpoint; the 4th's envelope then goes alone."""
+    engine = create_engine(database_url)
+    clock = Clock()
+    settings = settings_for(database_url, tmp_path)
+    inbox = SlowPipelinedInbox(engine, clock, 0.3 * settings.lease_seconds)
+    controller = Controller(inbox, hostname="127.0.0.1", port=free_port())
+    controller.start()
+    try:
+        settings = settings_for(
+            database_url, tmp_path, smtp_url=f"smtp://127.0.0.1:{controller.port}"
+        )
+        enqueue(engine, settings, [Receipt(f"in_{n}") for n in range(4)], clock.now)
+        dispatcher = EffectDispatcher(engine, settings, clock=clock)
+        assert dispatcher.run_once() == 4
+        dispatcher.close()
+    finally:
+        controller.stop()
+    assert inbox.keys() == [f"payment_receipt:in_{n}" for n in range(4)]
+    assert len(inbox.connections()) == 1
+    sending = {f"in_{n}": "sending" for n in range(4)}
+    assert inbox.seen == [
+        sending,
+        sending,
+        sending,
+        {"in_0": "sent", "in_1": "sent", "in_2": "sent", "in_3": "sending"},
+    ]
+    # in_1's and in_2's envelopes went behind the contents before them; in_2's content went
+    # alone (the checkpoint came next), and so did in_3's, the last.
+    assert [behind.startswith(b"MAIL FROM:") for behind in inbox.behind] == [
+        True,
+        True,
+        False,
+        False,
+    ]
+    assert inbox.behind[2:] == [b"", b""]
+    assert states(engine) == {f"in_{n}": "sent" for n in range(4)}
+    with engine.connect() as connection:
+        resends = connection.execute(sa.select(sa.func.sum(effects.c.resends))).scalar_one()
+    assert resends == 0
+    engine.dispose()

@@ -14,6 +14,7 @@ from email.policy import default as default_policy
 from pathlib import Path
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 from aiosmtpd.controller import Controller
 from prometheus_client import REGISTRY
@@ -54,17 +55,29 @@ class Intent:
 
 
 class KillOnFirstData:
-    """Accepts every message; on the n-th, SIGKILLs the dispatcher before answering 250."""
+    """Accepts every message; on the n-th, SIGKILLs the dispatcher before answering 250. Offers
+    PIPELINING if asked, and notes what the client had already sent behind each content."""
 
-    def __init__(self, kill_on: int = 1) -> None:
+    def __init__(self, kill_on: int = 1, *, pipelining: bool = False) -> None:
         self.messages: list[EmailMessage] = []
+        self.behind: list[bytes] = []
         self.victim: subprocess.Popen[bytes] | None = None
         self.kill_on = kill_on
+        self.pipelining = pipelining
+
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        if not self.pipelining:
+            return responses
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         parsed = email.message_from_bytes(envelope.content, policy=default_policy)
         assert isinstance(parsed, EmailMessage)
         self.messages.append(parsed)
+        self.behind.append(bytes(server._reader._buffer))
         if len(self.messages) == self.kill_on:
             assert self.victim is not None
             os.kill(self.victim.pid, signal.SIGKILL)
@@ -218,12 +231,13 @@ def receipt(invoice_id: str) -> Any:
 
 
 def _three_receipts_and_a_kill(
-    sqlite_url: str, tmp_path: Path, *, kill_on: int, batch_size: int
-) -> tuple[Engine, list[str]]:
+    sqlite_url: str, tmp_path: Path, *, kill_on: int, batch_size: int, pipelining: bool
+) -> tuple[Engine, list[str], list[bytes]]:
     """Three receipts; the dispatcher is SIGKILLed during the `kill_on`-th DATA, then another
-    dispatcher runs once the lease is over. Returns the keys in the order the server got them."""
+    dispatcher runs once the lease is over. Returns the keys in the order the server got them,
+    and what the client had sent behind each content."""
     engine = create_engine(sqlite_url)
-    handler = KillOnFirstData(kill_on=kill_on)
+    handler = KillOnFirstData(kill_on=kill_on, pipelining=pipelining)
     port = free_port()
     controller = Controller(handler, hostname="127.0.0.1", port=port)
     controller.start()
@@ -253,7 +267,8 @@ def _three_receipts_and_a_kill(
         later.close()
     finally:
         controller.stop()
-    return engine, [str(m["X-Billhook-Idempotency-Key"]) for m in handler.messages]
+    keys = [str(m["X-Billhook-Idempotency-Key"]) for m in handler.messages]
+    return engine, keys, handler.behind
 
 
 def _resends_and_outcomes(engine: Engine) -> tuple[dict[str, int], dict[str, list[str]]]:
@@ -266,14 +281,22 @@ def _resends_and_outcomes(engine: Engine) -> tuple[dict[str, int], dict[str, lis
     return rows, outcomes
 
 
+@pytest.mark.parametrize("pipelining", [False, True], ids=["one_at_a_time", "pipelining"])
 def test_every_unrecorded_message_of_a_cut_batch_is_resent_under_its_key(
-    sqlite_url: str, tmp_path: Path
+    sqlite_url: str, tmp_path: Path, pipelining: bool
 ) -> None:
     """Killed while handing over the 2nd of a batch of 3: no outcome of the batch was recorded
     (they are committed together at its end), so all three are in doubt. The 1st and 2nd reach
     the server twice, the 3rd (never handed over before the kill) once; each is counted as a
-    resend, and every copy carries its own key."""
-    engine, received = _three_receipts_and_a_kill(sqlite_url, tmp_path, kill_on=2, batch_size=3)
+    resend, and every copy carries its own key. Pipelined, the 3rd's envelope had gone behind
+    the 2nd's content: its content had not, and it still reaches the server once."""
+    engine, received, behind = _three_receipts_and_a_kill(
+        sqlite_url, tmp_path, kill_on=2, batch_size=3, pipelining=pipelining
+    )
+    if pipelining:
+        assert behind[1].startswith(b"MAIL FROM:") and behind[1].endswith(b"DATA\r\n")
+    else:
+        assert set(behind) == {b""}
     assert received == [
         "payment_receipt:in_a",
         "payment_receipt:in_b",
@@ -292,10 +315,16 @@ def test_every_unrecorded_message_of_a_cut_batch_is_resent_under_its_key(
     engine.dispose()
 
 
-def test_only_the_batch_cut_short_is_in_doubt(sqlite_url: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("pipelining", [False, True], ids=["one_at_a_time", "pipelining"])
+def test_only_the_batch_cut_short_is_in_doubt(
+    sqlite_url: str, tmp_path: Path, pipelining: bool
+) -> None:
     """Batches of 2, killed during the 1st message of the 2nd batch: the 1st batch was recorded
-    `sent` and is not sent again; only the row of the cut batch is resent (and counted)."""
-    engine, received = _three_receipts_and_a_kill(sqlite_url, tmp_path, kill_on=3, batch_size=2)
+    `sent` and is not sent again (pipelined, its last message got its verdict before the record);
+    only the row of the cut batch is resent (and counted)."""
+    engine, received, _ = _three_receipts_and_a_kill(
+        sqlite_url, tmp_path, kill_on=3, batch_size=2, pipelining=pipelining
+    )
     assert received == [
         "payment_receipt:in_a",
         "payment_receipt:in_b",

@@ -54,9 +54,18 @@ def receipt(invoice_id: str, currency: str, amount: int, **extra: Any) -> Intent
 
 
 class Inbox:
-    def __init__(self) -> None:
+    def __init__(self, *, pipelining: bool = False) -> None:
         self.messages: list[EmailMessage] = []
         self.recipients: list[list[str]] = []
+        self.pipelining = pipelining
+
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        if not self.pipelining:
+            return responses
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         parsed = email.message_from_bytes(envelope.content, policy=default_policy)
@@ -67,9 +76,9 @@ class Inbox:
 
 
 class SmtpServer:
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, *, pipelining: bool = False) -> None:
         self.port = port
-        self.inbox = Inbox()
+        self.inbox = Inbox(pipelining=pipelining)
         self._controller = Controller(self.inbox, hostname="127.0.0.1", port=port)
 
     @property
@@ -83,9 +92,10 @@ class SmtpServer:
         self._controller.stop()
 
 
-@pytest.fixture
-def smtp() -> Iterator[SmtpServer]:
-    server = SmtpServer(free_port())
+@pytest.fixture(params=[False, True], ids=["one_at_a_time", "pipelining"])
+def smtp(request: pytest.FixtureRequest) -> Iterator[SmtpServer]:
+    """An SMTP server without PIPELINING, and one offering it (the batch is then pipelined)."""
+    server = SmtpServer(free_port(), pipelining=request.param)
     server.start()
     yield server
     server.stop()

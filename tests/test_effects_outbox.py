@@ -103,9 +103,18 @@ def test_the_database_refuses_a_second_row_with_the_same_key(engine: Engine) -> 
 
 
 class Counting:
-    def __init__(self) -> None:
+    def __init__(self, *, pipelining: bool = False) -> None:
         self.message_ids: list[str] = []
         self._lock = threading.Lock()
+        self.pipelining = pipelining
+
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        if not self.pipelining:
+            return responses
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         for line in envelope.content.splitlines():
@@ -115,10 +124,11 @@ class Counting:
         return "250 OK"
 
 
+@pytest.mark.parametrize("pipelining", [False, True], ids=["one_at_a_time", "pipelining"])
 def test_concurrent_dispatchers_send_each_effect_exactly_once(
-    engine: Engine, database_url: str, tmp_path: Path
+    engine: Engine, database_url: str, tmp_path: Path, pipelining: bool
 ) -> None:
-    handler = Counting()
+    handler = Counting(pipelining=pipelining)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

@@ -2,7 +2,7 @@
 go in one write; every refusal still fails only its own message, sends none of its content and
 leaves the connection in step for the next; a server without PIPELINING gets one command at a
 time; a dropped kept connection is replaced before anything of the message was sent, with
-PIPELINING and without. In a batch (`hand` / `settle`), a message's content goes
+PIPELINING and without. In a batch (`hand` / `settle`, the dispatcher), a message's content goes
 in the same write as the next message's envelope: one round trip a message, each message still
 sent only on its own final 250; a connection lost after a message's content fails that message,
 and the message pipelined behind it starts again on a new connection."""
@@ -19,13 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from aiosmtpd.controller import Controller
+from sqlalchemy.engine import Engine
 
 from billhook.config import Settings
 from billhook.effects import EffectDispatcher, effect_timeline
 from billhook.effects.mailer import SmtpMailer, Verdict, _content
 from billhook.effects.render import OutgoingEmail, render_email
 from billhook.store.engine import create_engine
+from billhook.store.schema import effects
 from live_server import free_port
 from test_effects_batching import Receipt, enqueue, settings_for, states
 from test_effects_email import Clock
@@ -448,3 +451,195 @@ def test_closing_with_a_message_waiting_drops_it_unsent_at_once(
         *["MAIL", "RCPT"],
         *["MAIL", "RCPT", "content"],
     ]
+
+
+def dispatch(
+    handler: Server,
+    url: str,
+    tmp_path: Path,
+    invoices: list[str],
+    timeout: float = 10.0,
+) -> Engine:
+    """Run one batch of receipts (one per invoice id) through the dispatcher into `handler`."""
+    controller = Controller(handler, hostname="127.0.0.1", port=free_port())
+    controller.start()
+    engine = create_engine(url)
+    clock = Clock()
+    try:
+        settings = settings_for(url, tmp_path, smtp_url=f"smtp://127.0.0.1:{controller.port}")
+        enqueue(
+            engine,
+            settings,
+            [
+                Receipt(i, REFUSED_RECIPIENT if "rcpt" in i else "jane@example.com")
+                for i in invoices
+            ],
+            clock.now,
+        )
+        mailer = SmtpMailer(settings.smtp_url, timeout=timeout)
+        dispatcher = EffectDispatcher(engine, settings, clock=clock, mailer=mailer)
+        assert dispatcher.run_once() == len(invoices)
+        dispatcher.close()
+    finally:
+        controller.stop()
+    return engine
+
+
+def attempts(engine: Engine, invoices: list[str]) -> dict[str, list[str]]:
+    return {i: [a.outcome for a in effect_timeline(engine, i)[0].history] for i in invoices}
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "one_at_a_time"])
+def test_a_batch_with_refusals_fails_only_the_refused_messages(
+    database_url: str, tmp_path: Path, pipelining: bool
+) -> None:
+    """A refused recipient (answered at RCPT) and a refused content (answered at the end of the
+    content, the next envelope already behind it when pipelining) each fail their own message;
+    every other message of the batch is sent, one connection. Without PIPELINING nothing ever
+    waits behind a command."""
+    handler = Server(pipelining=pipelining)
+    handler.actions = {"in_refused": "refuse"}
+    invoices = ["in_0", "in_rcpt", "in_1", "in_refused", "in_2"]
+    engine = dispatch(handler, database_url, tmp_path, invoices)
+    assert handler.names() == ["in_0", "in_1", "in_2"]
+    assert len(handler.connections()) == 1
+    assert states(engine) == {
+        "in_0": "sent",
+        "in_rcpt": "retryable",
+        "in_1": "sent",
+        "in_refused": "retryable",
+        "in_2": "sent",
+    }
+    assert attempts(engine, invoices) == {
+        "in_0": ["sent"],
+        "in_rcpt": ["failed"],
+        "in_1": ["sent"],
+        "in_refused": ["failed"],
+        "in_2": ["sent"],
+    }
+    with engine.connect() as connection:
+        errors = dict(
+            connection.execute(
+                sa.select(effects.c.invoice_id, effects.c.last_error).where(
+                    effects.c.state == "retryable"
+                )
+            ).all()
+        )
+    assert errors["in_rcpt"].startswith("SMTPRecipientsRefused") and "550" in errors["in_rcpt"]
+    assert errors["in_refused"].startswith("SMTPDataError") and "554" in errors["in_refused"]
+    # A refused RCPT is followed by RSET (pipelined, its DATA was refused too: 503), to put the
+    # session back in step. A refused content is not, when the next envelope is behind it.
+    refused_content = ["MAIL", "RCPT", "content"] + ([] if pipelining else ["RSET"])
+    assert [command for command, _, _ in handler.commands] == [
+        *["MAIL", "RCPT", "content"],
+        *["MAIL", "RCPT", "RSET"],
+        *["MAIL", "RCPT", "content"],
+        *refused_content,
+        *["MAIL", "RCPT", "content"],
+    ]
+    behind_contents = [
+        re.sub(rb"SIZE=\d+", b"SIZE=n", behind)
+        for command, _, behind in handler.commands
+        if command == "content"
+    ]
+    if pipelining:
+        # Behind every content but the last: the next envelope, sent before its verdict came.
+        next_envelope = b"MAIL FROM:<billing@billhook.localhost> SIZE=n\r\nRCPT TO:<%s>\r\nDATA\r\n"
+        assert behind_contents == [
+            next_envelope % REFUSED_RECIPIENT.encode(),
+            next_envelope % b"jane@example.com",
+            next_envelope % b"jane@example.com",
+            b"",
+        ]
+    else:
+        assert all(behind == b"" for _, _, behind in handler.commands)
+    engine.dispose()
+
+
+@pytest.mark.parametrize("lost", ["drop", "stall"], ids=["dropped", "timed_out"])
+def test_a_connection_lost_after_a_message_content_fails_that_message_only(
+    sqlite_url: str, tmp_path: Path, lost: str
+) -> None:
+    """The connection is lost after in_1's content, in_2's envelope behind it: dropped by the
+    server, or no verdict within the mailer's timeout. in_1 fails as a message sent alone does
+    (retryable; when the server did take it, the retry sends it again under the same key);
+    in_2 is not sent on the lost connection but starts again on a new one, with in_3."""
+    handler = Server()
+    handler.actions = {"in_1": lost}
+    handler.stall_seconds = 1.5
+    invoices = ["in_0", "in_1", "in_2", "in_3"]
+    engine = dispatch(handler, sqlite_url, tmp_path, invoices, timeout=0.5)
+    # A stalled in_1 was taken by the server, which answered after the client gave up on it.
+    assert handler.names() == (
+        ["in_0", "in_2", "in_3"] if lost == "drop" else ["in_0", "in_1", "in_2", "in_3"]
+    )
+    peers = {name(message): peer for peer, message, _ in handler.received}
+    assert peers["in_0"] != peers["in_2"] == peers["in_3"]
+    # in_2's envelope had gone behind in_1's content, on the first connection.
+    (behind,) = [b for c, p, b in handler.commands if c == "content" and p == peers["in_0"]][1:]
+    assert b"MAIL FROM:" in behind
+    assert states(engine) == {"in_0": "sent", "in_1": "retryable", "in_2": "sent", "in_3": "sent"}
+    assert attempts(engine, invoices) == {
+        "in_0": ["sent"],
+        "in_1": ["failed"],
+        "in_2": ["sent"],
+        "in_3": ["sent"],
+    }
+    with engine.connect() as connection:
+        error = connection.execute(
+            sa.select(effects.c.last_error).where(effects.c.invoice_id == "in_1")
+        ).scalar_one()
+    assert error.startswith("SMTPServerDisconnected")
+    engine.dispose()
+
+
+class FailingClock(Clock):
+    """The dispatcher's clock; its `fail_on`-th reading raises (a bug cutting a batch short)."""
+
+    def __init__(self, fail_on: int) -> None:
+        super().__init__()
+        self.readings = 0
+        self.fail_on = fail_on
+
+    def __call__(self) -> float:
+        self.readings += 1
+        if self.readings == self.fail_on:
+            raise RuntimeError("the clock broke")
+        return self.now
+
+
+def test_a_batch_cut_short_sends_no_content_of_the_message_waiting_for_it(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """An error after in_0's envelope was accepted and before its content went (the clock
+    read before in_1 is handed over): nothing of the batch is recorded, in_0's content is
+    never sent, and once the lease is over the batch is in doubt and sent again, counted."""
+    handler = Server()
+    controller = Controller(handler, hostname="127.0.0.1", port=free_port())
+    controller.start()
+    engine = create_engine(sqlite_url)
+    # Readings: the claim, the batch's renewal time, then one before each hand-over.
+    clock = FailingClock(fail_on=4)
+    try:
+        settings = settings_for(
+            sqlite_url, tmp_path, smtp_url=f"smtp://127.0.0.1:{controller.port}"
+        )
+        enqueue(engine, settings, [Receipt("in_0"), Receipt("in_1")], clock.now)
+        dispatcher = EffectDispatcher(engine, settings, clock=clock)
+        with pytest.raises(RuntimeError, match="the clock broke"):
+            dispatcher.run_once()
+        assert handler.received == []
+        assert states(engine) == {"in_0": "sending", "in_1": "sending"}
+        clock.now += settings.lease_seconds + 1
+        assert dispatcher.run_once() == 2
+        dispatcher.close()
+    finally:
+        controller.stop()
+    assert handler.names() == ["in_0", "in_1"]
+    assert [command for command, _, _ in handler.commands][:2] == ["MAIL", "RCPT"]
+    assert states(engine) == {"in_0": "sent", "in_1": "sent"}
+    assert attempts(engine, ["in_0", "in_1"]) == {
+        "in_0": ["sending", "resent"],
+        "in_1": ["sending", "resent"],
+    }
+    engine.dispose()

@@ -15,6 +15,7 @@ import orjson
 import pytest
 import sqlalchemy as sa
 import uvicorn
+from aiosmtpd.controller import Controller
 from standardwebhooks import Webhook
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -138,4 +139,84 @@ def test_webhook_url_without_a_secret_is_a_start_up_error(sqlite_url: str) -> No
     engine = create_engine(sqlite_url)
     with pytest.raises(ConfigError, match="BILLHOOK_EFFECT_WEBHOOK_SECRET"):
         EffectDispatcher(engine, settings)
+    engine.dispose()
+
+
+class PipelinedInbox:
+    """An SMTP server offering PIPELINING that notes, at each email's content, how many webhook
+    requests `downstream` had received by then."""
+
+    def __init__(self, downstream: Downstream) -> None:
+        self.downstream = downstream
+        self.webhooks_before: list[int] = []
+
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.webhooks_before.append(len(self.downstream.requests))
+        return "250 OK"
+
+
+def test_an_email_waiting_for_its_verdict_gets_it_before_a_webhook_goes(
+    sqlite_url: str, tmp_path: Path, downstream: tuple[Downstream, str]
+) -> None:
+    """A batch of email, webhook, email, webhook: each email, pipelined, would wait for the next
+    email's envelope; a webhook in between settles it first, so its content is not held back
+    while the webhook goes."""
+    recorder, url = downstream
+    inbox = PipelinedInbox(recorder)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    engine = create_engine(sqlite_url)
+    try:
+        settings = Settings(
+            database_url=sqlite_url,
+            data_dir=str(tmp_path),
+            smtp_url=f"smtp://127.0.0.1:{port}",
+            effect_webhook_url=url,
+            effect_webhook_secret="whsec_" + base64.b64encode(os.urandom(24)).decode(),
+        )
+        intents = []
+        for n in (1, 2):
+            intent = Intent()
+            intent.idempotency_key = f"refund_notice:in_wh:re_{n}"
+            intent.payload = {**Intent.payload, "customer_email": "jane@example.com"}
+            intents.append(intent)
+        with transaction(engine) as connection:
+            inserted = enqueue_effects(
+                connection,
+                intents,
+                invoice_id="in_wh",
+                event_pk=None,
+                now=time.time(),
+                settings=settings,
+            )
+        assert inserted == 4
+        with transaction(engine) as connection:
+            # Claimed in the order of their ids: email, webhook, email, webhook.
+            connection.execute(sa.update(effects).values(run_at=effects.c.run_at + effects.c.id))
+        dispatcher = EffectDispatcher(engine, settings, clock=lambda: time.time() + 10)
+        assert dispatcher.run_once() == 4
+        dispatcher.close()
+    finally:
+        controller.stop()
+    with engine.connect() as connection:
+        rows = connection.execute(
+            sa.select(effects.c.channel, effects.c.state).order_by(effects.c.id)
+        ).all()
+    assert [tuple(row) for row in rows] == [
+        ("email", "sent"),
+        ("webhook", "sent"),
+        ("email", "sent"),
+        ("webhook", "sent"),
+    ]
+    assert inbox.webhooks_before == [0, 1]
+    assert len(recorder.requests) == 2
     engine.dispose()

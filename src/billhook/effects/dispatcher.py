@@ -7,7 +7,9 @@ The crash window is closed by ordering, not hope. Per batch, three commits:
    `effect_attempts` row `sending`, in one commit: every attempt of the batch is committed before
    any hand-over;
 2. render and hand over every message of the batch, one after the other (one SMTP connection)
-   (`handover`);
+   (`handover`); when the server offers PIPELINING, a message's content goes in the same write
+   as the next message's envelope and its verdict is read with that envelope's replies, so the
+   last message of the batch gets its verdict (`settle`) before anything is recorded;
 3. record every outcome of the batch (rows `sent` / `retryable` / `dead`, attempts closed) in
    one commit (`outcomes`).
 
@@ -109,6 +111,16 @@ class EffectDispatcher:
         self._handover.close()
 
     def _deliver(self, claimed: list[ClaimedEffect]) -> None:
+        try:
+            done = self._hand_over(claimed)
+        except BaseException:
+            # Cut short (a bug, an interrupt): nothing is recorded, the batch is in doubt as
+            # after a crash; an email still waiting for its content is not sent.
+            self._handover.abandon()
+            raise
+        self._recorder.record(done)
+
+    def _hand_over(self, claimed: list[ClaimedEffect]) -> list[Outcome]:
         # Every attempt of the batch was committed with the claim; the outcomes are committed
         # together at the end (or at a checkpoint when the batch is slow).
         done: list[Outcome] = []
@@ -123,16 +135,14 @@ class EffectDispatcher:
                 done.append(Outcome(effect, str(exc), permanent=True))
                 continue
             if self._clock() >= renew_at:
+                # The email waiting for its verdict gets it first: the checkpoint records what
+                # is settled and renews the lease of what was not handed over yet.
+                done += self._handover.settle()
                 rest = [e for e in claimed[index:] if e.id not in lost]
                 lost |= self._recorder.checkpoint(done, rest)
                 done = []
                 renew_at = self._clock() + self._lease / 2
                 if effect.id in lost:
                     continue
-            try:
-                self._handover.send(effect, message)
-            except Exception as exc:
-                done.append(Outcome(effect, f"{type(exc).__name__}: {exc}", permanent=False))
-                continue
-            done.append(Outcome(effect, None, permanent=False))
-        self._recorder.record(done)
+            done += self._handover.send(effect, message)
+        return done + self._handover.settle()
