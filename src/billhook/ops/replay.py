@@ -27,14 +27,9 @@ from sqlalchemy.engine import Engine
 from billhook.config import Settings
 from billhook.errors import InvalidRequest
 from billhook.ops.replay_apply import Applied, apply_events
-from billhook.ops.replay_preview import (
-    EffectPreview,
-    EventFailure,
-    FieldChange,
-    InvoiceDiff,
-    Preview,
-    preview_replay,
-)
+from billhook.ops.replay_diff import EffectPreview, FieldChange, InvoiceDiff
+from billhook.ops.replay_failure import EventFailure
+from billhook.ops.replay_preview import Preview, preview_replay
 from billhook.ops.replay_rebuild import rebuild_invoice
 from billhook.ops.replay_resend import Perform, resend_sent_effects
 from billhook.ops.replay_selection import ReplayPlan, Selection, parse_time, plan_replay

@@ -21,7 +21,7 @@ from billhook.applying import Arrived, InvoiceNotYetKnown
 from billhook.billing import BillingEvent, InvoiceState, apply
 from billhook.config import Settings
 from billhook.errors import StoreUnavailable, UnprocessableEvent
-from billhook.ops.replay_preview import EventFailure
+from billhook.ops.replay_failure import EventFailure
 from billhook.ops.replay_selection import StoredEvent, chunks, load_events
 from billhook.processing import Processor, decode_event
 from billhook.store.engine import DRIVER_ERRORS

@@ -18,7 +18,8 @@ from billhook.billing import Change, InvoiceStatus, needs_attention
 from billhook.config import Settings
 from billhook.effects.outbox import enqueue_effects
 from billhook.ops.replay_apply import CONCURRENT_RETRIES, Applied
-from billhook.ops.replay_preview import InvoiceDiff, RebuildFold, existing_keys, fold_rebuild
+from billhook.ops.replay_diff import InvoiceDiff, existing_keys
+from billhook.ops.replay_rebuild_fold import RebuildFold, fold_rebuild
 from billhook.store.engine import transaction
 from billhook.store.invoices import (
     ConcurrentUpdate,

@@ -13,7 +13,7 @@ from typing import Any, Protocol, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from billhook.ops.replay_preview import sent_effects
+from billhook.ops.replay_diff import sent_effects
 from billhook.store.engine import transaction
 from billhook.store.schema import effects
 
