@@ -25,8 +25,8 @@ from sqlalchemy.engine import Engine
 
 from billhook.config import Settings
 from billhook.effects import EffectDispatcher, effect_timeline
-from billhook.effects.mailer import SmtpMailer, Verdict, _content
 from billhook.effects.render import OutgoingEmail, render_email
+from billhook.effects.smtp import SmtpMailer, Verdict, _content
 from billhook.store.engine import create_engine
 from billhook.store.schema import effects
 from live_server import free_port

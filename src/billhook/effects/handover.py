@@ -13,9 +13,10 @@ from collections.abc import Callable
 
 from billhook.config import Settings
 from billhook.effects.claim import ClaimedEffect
-from billhook.effects.mailer import Mailer, SmtpMailer, Verdict, mailer_from_settings
+from billhook.effects.mailer import Mailer, mailer_from_settings
 from billhook.effects.outcomes import Outcome
 from billhook.effects.render import EffectUnsendable, OutgoingEmail, render_email
+from billhook.effects.smtp import SmtpMailer, Verdict
 from billhook.effects.webhook import WebhookSender, webhook_sender_from_settings
 
 
