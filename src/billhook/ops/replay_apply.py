@@ -21,7 +21,7 @@ from billhook.applying import Arrived, InvoiceNotYetKnown
 from billhook.billing import BillingEvent, InvoiceState, apply
 from billhook.config import Settings
 from billhook.errors import StoreUnavailable, UnprocessableEvent
-from billhook.ops.replay_failure import EventFailure
+from billhook.ops.replay_failure import EventFailure, event_failure
 from billhook.ops.replay_selection import StoredEvent, chunks, load_events
 from billhook.processing import Processor, decode_event
 from billhook.store.engine import DRIVER_ERRORS
@@ -173,9 +173,7 @@ class _Applier:
             return
 
     def _fail(self, stored: StoredEvent, exc: Exception) -> None:
-        self.failed.append(
-            EventFailure(stored.event_id, stored.source, f"{type(exc).__name__}: {exc}")
-        )
+        self.failed.append(event_failure(stored, exc))
 
 
 def _mark(connection: Connection, event_pks: Sequence[int], outcome: Outcome, now: float) -> None:
