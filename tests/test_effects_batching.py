@@ -5,15 +5,12 @@ test_effects_pipelining.py, with PIPELINING and without."""
 
 from __future__ import annotations
 
-import email
 import mailbox
 from email.message import EmailMessage
-from email.policy import default as default_policy
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from aiosmtpd.controller import Controller
 from sqlalchemy.engine import Engine
 
 from billhook.config import Settings
@@ -22,7 +19,7 @@ from billhook.effects.mailer import MaildirMailer
 from billhook.effects.render import OutgoingEmail
 from billhook.store.engine import create_engine, transaction
 from billhook.store.schema import effects
-from live_server import free_port
+from smtp_servers import SmtpHandler, received_message, running_smtp, sent_behind
 from test_effects_email import Clock
 from test_effects_email import settings_for as email_settings_for
 
@@ -43,10 +40,11 @@ class Receipt:
         }
 
 
-class Inbox:
+class Inbox(SmtpHandler):
     """Accepts everything but `REFUSED`; notes which client connection carried each message."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, pipelining: bool = False) -> None:
+        super().__init__(pipelining=pipelining)
         self.received: list[tuple[tuple[str, int], EmailMessage]] = []
         self.refuse = True
 
@@ -59,9 +57,7 @@ class Inbox:
         return "250 OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        parsed = email.message_from_bytes(envelope.content, policy=default_policy)
-        assert isinstance(parsed, EmailMessage)
-        self.received.append((session.peer, parsed))
+        self.received.append((session.peer, received_message(envelope)))
         return "250 OK"
 
     def keys(self) -> list[str]:
@@ -101,14 +97,10 @@ def test_one_connection_carries_the_batches_and_a_refusal_fails_only_its_message
     database_url: str, tmp_path: Path
 ) -> None:
     inbox = Inbox()
-    controller = Controller(inbox, hostname="127.0.0.1", port=free_port())
-    controller.start()
     engine = create_engine(database_url)
     clock = Clock()
-    try:
-        settings = settings_for(
-            database_url, tmp_path, smtp_url=f"smtp://127.0.0.1:{controller.port}"
-        )
+    with running_smtp(inbox) as smtp_url:
+        settings = settings_for(database_url, tmp_path, smtp_url=smtp_url)
         receipts = [Receipt(f"in_{n}") for n in range(5)]
         receipts.insert(2, Receipt("in_refused", REFUSED))
         enqueue(engine, settings, receipts, clock.now)
@@ -132,8 +124,6 @@ def test_one_connection_carries_the_batches_and_a_refusal_fails_only_its_message
         clock.now += 1
         assert dispatcher.run_once() == 1
         dispatcher.close()
-    finally:
-        controller.stop()
     assert states(engine)["in_refused"] == "sent"
     assert inbox.keys()[-1] == "payment_receipt:in_refused"
     assert len(inbox.connections()) == 1
@@ -244,22 +234,16 @@ class SlowPipelinedInbox(Inbox):
     notes the rows' states and what the client had already sent behind it."""
 
     def __init__(self, engine: Engine, clock: Clock, seconds: float) -> None:
-        super().__init__()
+        super().__init__(pipelining=True)
         self._engine = engine
         self._clock = clock
         self._seconds = seconds
         self.seen: list[dict[str, str]] = []
         self.behind: list[bytes] = []
 
-    async def handle_EHLO(
-        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
-    ) -> list[str]:
-        session.host_name = hostname
-        return [*responses[:-1], "250-PIPELINING", responses[-1]]
-
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         self.seen.append(states(self._engine))
-        self.behind.append(bytes(server._reader._buffer))
+        self.behind.append(sent_behind(server))
         self._clock.now += self._seconds
         return await super().handle_DATA(server, session, envelope)
 
@@ -274,18 +258,12 @@ def test_a_slow_pipelined_batch_settles_the_waiting_message_before_its_checkpoin
     clock = Clock()
     settings = settings_for(database_url, tmp_path)
     inbox = SlowPipelinedInbox(engine, clock, 0.3 * settings.lease_seconds)
-    controller = Controller(inbox, hostname="127.0.0.1", port=free_port())
-    controller.start()
-    try:
-        settings = settings_for(
-            database_url, tmp_path, smtp_url=f"smtp://127.0.0.1:{controller.port}"
-        )
+    with running_smtp(inbox) as smtp_url:
+        settings = settings_for(database_url, tmp_path, smtp_url=smtp_url)
         enqueue(engine, settings, [Receipt(f"in_{n}") for n in range(4)], clock.now)
         dispatcher = EffectDispatcher(engine, settings, clock=clock)
         assert dispatcher.run_once() == 4
         dispatcher.close()
-    finally:
-        controller.stop()
     assert inbox.keys() == [f"payment_receipt:in_{n}" for n in range(4)]
     assert len(inbox.connections()) == 1
     sending = {f"in_{n}": "sending" for n in range(4)}

@@ -3,20 +3,17 @@ before recording it; the next dispatcher resends under the same Message-ID and c
 
 from __future__ import annotations
 
-import email
 import os
 import signal
 import subprocess
 import sys
 import time
 from email.message import EmailMessage
-from email.policy import default as default_policy
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from aiosmtpd.controller import Controller
 from prometheus_client import REGISTRY
 from sqlalchemy.engine import Engine
 
@@ -25,7 +22,7 @@ from billhook.effects import EffectDispatcher, effect_timeline, enqueue_effects,
 from billhook.effects.render import message_id
 from billhook.store.engine import create_engine, transaction
 from billhook.store.schema import effects
-from live_server import free_port
+from smtp_servers import SmtpHandler, received_message, running_smtp, sent_behind
 
 LEASE_SECONDS = 30.0
 
@@ -54,30 +51,20 @@ class Intent:
     }
 
 
-class KillOnFirstData:
+class KillOnFirstData(SmtpHandler):
     """Accepts every message; on the n-th, SIGKILLs the dispatcher before answering 250. Offers
     PIPELINING if asked, and notes what the client had already sent behind each content."""
 
     def __init__(self, kill_on: int = 1, *, pipelining: bool = False) -> None:
+        super().__init__(pipelining=pipelining)
         self.messages: list[EmailMessage] = []
         self.behind: list[bytes] = []
         self.victim: subprocess.Popen[bytes] | None = None
         self.kill_on = kill_on
-        self.pipelining = pipelining
-
-    async def handle_EHLO(
-        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
-    ) -> list[str]:
-        session.host_name = hostname
-        if not self.pipelining:
-            return responses
-        return [*responses[:-1], "250-PIPELINING", responses[-1]]
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        parsed = email.message_from_bytes(envelope.content, policy=default_policy)
-        assert isinstance(parsed, EmailMessage)
-        self.messages.append(parsed)
-        self.behind.append(bytes(server._reader._buffer))
+        self.messages.append(received_message(envelope))
+        self.behind.append(sent_behind(server))
         if len(self.messages) == self.kill_on:
             assert self.victim is not None
             os.kill(self.victim.pid, signal.SIGKILL)
@@ -113,13 +100,10 @@ def test_sigkill_between_hand_over_and_record_resends_under_the_same_message_id(
 ) -> None:
     engine = create_engine(database_url)
     handler = KillOnFirstData()
-    port = free_port()
-    controller = Controller(handler, hostname="127.0.0.1", port=port)
-    controller.start()
-    try:
+    with running_smtp(handler) as smtp_url:
         settings = Settings(
             database_url=database_url,
-            smtp_url=f"smtp://127.0.0.1:{port}",
+            smtp_url=smtp_url,
             data_dir=str(tmp_path),
             lease_seconds=LEASE_SECONDS,
         )
@@ -154,8 +138,6 @@ def test_sigkill_between_hand_over_and_record_resends_under_the_same_message_id(
         later = EffectDispatcher(engine, settings, clock=lambda: time.time() + LEASE_SECONDS + 1)
         assert later.run_once() == 1
         later.close()
-    finally:
-        controller.stop()
 
     first, second = handler.messages
     expected_id = message_id(Intent.idempotency_key, Intent.kind)
@@ -187,13 +169,10 @@ def test_a_lease_lost_on_the_last_attempt_is_dead_not_looped(
     """A dispatcher that keeps dying on one message stops after max_attempts, with a clear error."""
     engine = create_engine(sqlite_url)
     handler = KillOnFirstData()
-    port = free_port()
-    controller = Controller(handler, hostname="127.0.0.1", port=port)
-    controller.start()
-    try:
+    with running_smtp(handler) as smtp_url:
         settings = Settings(
             database_url=sqlite_url,
-            smtp_url=f"smtp://127.0.0.1:{port}",
+            smtp_url=smtp_url,
             data_dir=str(tmp_path),
             max_attempts=1,
             lease_seconds=LEASE_SECONDS,
@@ -213,8 +192,6 @@ def test_a_lease_lost_on_the_last_attempt_is_dead_not_looped(
         later = EffectDispatcher(engine, settings, clock=lambda: time.time() + LEASE_SECONDS + 1)
         assert later.run_once() == 0
         later.close()
-    finally:
-        controller.stop()
     assert len(handler.messages) == 1
     (dead,) = list_dead_effects(engine)
     assert dead.idempotency_key == Intent.idempotency_key
@@ -238,13 +215,10 @@ def _three_receipts_and_a_kill(
     and what the client had sent behind each content."""
     engine = create_engine(sqlite_url)
     handler = KillOnFirstData(kill_on=kill_on, pipelining=pipelining)
-    port = free_port()
-    controller = Controller(handler, hostname="127.0.0.1", port=port)
-    controller.start()
-    try:
+    with running_smtp(handler) as smtp_url:
         settings = Settings(
             database_url=sqlite_url,
-            smtp_url=f"smtp://127.0.0.1:{port}",
+            smtp_url=smtp_url,
             data_dir=str(tmp_path),
             lease_seconds=LEASE_SECONDS,
         )
@@ -265,8 +239,6 @@ def _three_receipts_and_a_kill(
         while later.run_once():
             pass
         later.close()
-    finally:
-        controller.stop()
     keys = [str(m["X-Billhook-Idempotency-Key"]) for m in handler.messages]
     return engine, keys, handler.behind
 

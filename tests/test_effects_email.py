@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from aiosmtpd.controller import Controller
 from prometheus_client import REGISTRY
 from sqlalchemy.engine import Engine
 
@@ -32,6 +31,7 @@ from billhook.effects.render import message_id
 from billhook.store.engine import create_engine, transaction
 from billhook.store.schema import effects, invoices
 from live_server import free_port
+from smtp_servers import SmtpHandler, received_message, running_smtp
 
 
 @dataclass(frozen=True)
@@ -53,52 +53,30 @@ def receipt(invoice_id: str, currency: str, amount: int, **extra: Any) -> Intent
     return Intent("payment_receipt", f"payment_receipt:{invoice_id}", payload)
 
 
-class Inbox:
+class Inbox(SmtpHandler):
     def __init__(self, *, pipelining: bool = False) -> None:
+        super().__init__(pipelining=pipelining)
         self.messages: list[EmailMessage] = []
         self.recipients: list[list[str]] = []
-        self.pipelining = pipelining
-
-    async def handle_EHLO(
-        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
-    ) -> list[str]:
-        session.host_name = hostname
-        if not self.pipelining:
-            return responses
-        return [*responses[:-1], "250-PIPELINING", responses[-1]]
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        parsed = email.message_from_bytes(envelope.content, policy=default_policy)
-        assert isinstance(parsed, EmailMessage)
-        self.messages.append(parsed)
+        self.messages.append(received_message(envelope))
         self.recipients.append(list(envelope.rcpt_tos))
         return "250 OK"
 
 
+@dataclass(frozen=True)
 class SmtpServer:
-    def __init__(self, port: int, *, pipelining: bool = False) -> None:
-        self.port = port
-        self.inbox = Inbox(pipelining=pipelining)
-        self._controller = Controller(self.inbox, hostname="127.0.0.1", port=port)
-
-    @property
-    def url(self) -> str:
-        return f"smtp://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self._controller.start()
-
-    def stop(self) -> None:
-        self._controller.stop()
+    inbox: Inbox
+    url: str
 
 
 @pytest.fixture(params=[False, True], ids=["one_at_a_time", "pipelining"])
 def smtp(request: pytest.FixtureRequest) -> Iterator[SmtpServer]:
     """An SMTP server without PIPELINING, and one offering it (the batch is then pipelined)."""
-    server = SmtpServer(free_port(), pipelining=request.param)
-    server.start()
-    yield server
-    server.stop()
+    inbox = Inbox(pipelining=request.param)
+    with running_smtp(inbox) as url:
+        yield SmtpServer(inbox, url)
 
 
 class Clock:
@@ -259,18 +237,15 @@ def test_smtp_outage_retries_with_backoff_then_dead_then_redrive_sends(
         == dead_before + 1
     )
 
-    server = SmtpServer(port)
-    server.start()
-    try:
+    inbox = Inbox()
+    with running_smtp(inbox, port=port):
         redriven = redrive_effect(engine, listed.id, clock.now)
         assert redriven.id == listed.id
         assert row(engine, intent.idempotency_key)["state"] == "pending"
         assert dispatcher.run_once() == 1
         dispatcher.close()
-    finally:
-        server.stop()
-    assert len(server.inbox.messages) == 1
-    assert server.inbox.messages[0]["Message-ID"] == message_id(intent.idempotency_key, intent.kind)
+    assert len(inbox.messages) == 1
+    assert inbox.messages[0]["Message-ID"] == message_id(intent.idempotency_key, intent.kind)
     assert row(engine, intent.idempotency_key)["state"] == "sent"
     assert list_dead_effects(engine) == []
     (history,) = effect_timeline(engine, "in_down")
@@ -369,16 +344,9 @@ def test_smtp_url_credentials_are_used_to_log_in(sqlite_url: str, tmp_path: Path
 
     inbox = Inbox()
     port = free_port()
-    controller = Controller(
-        inbox,
-        hostname="127.0.0.1",
-        port=port,
-        authenticator=authenticator,
-        auth_required=True,
-        auth_require_tls=False,
-    )
-    controller.start()
-    try:
+    with running_smtp(
+        inbox, port=port, authenticator=authenticator, auth_required=True, auth_require_tls=False
+    ):
         engine = create_engine(sqlite_url)
         settings = settings_for(
             sqlite_url, tmp_path, smtp_url=f"smtp://billing:p%40ss%3Aword@127.0.0.1:{port}"
@@ -387,8 +355,6 @@ def test_smtp_url_credentials_are_used_to_log_in(sqlite_url: str, tmp_path: Path
         dispatcher = EffectDispatcher(engine, settings)
         assert dispatcher.run_once() == 1
         dispatcher.close()
-    finally:
-        controller.stop()
     assert logins == [(b"billing", b"p@ss:word")]
     assert len(inbox.messages) == 1
     assert row(engine, "payment_receipt:in_auth")["state"] == "sent"

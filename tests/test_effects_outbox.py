@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -11,7 +10,6 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from aiosmtpd.controller import Controller
 from sqlalchemy.engine import Engine
 
 from billhook.config import Settings
@@ -25,6 +23,7 @@ from billhook.effects import (
 from billhook.errors import InvalidRequest, NotFound
 from billhook.store.engine import transaction
 from billhook.store.schema import effects
+from smtp_servers import SmtpHandler, running_smtp
 
 
 @dataclass(frozen=True)
@@ -102,19 +101,11 @@ def test_the_database_refuses_a_second_row_with_the_same_key(engine: Engine) -> 
         connection.execute(sa.insert(effects).values(values))
 
 
-class Counting:
+class Counting(SmtpHandler):
     def __init__(self, *, pipelining: bool = False) -> None:
+        super().__init__(pipelining=pipelining)
         self.message_ids: list[str] = []
         self._lock = threading.Lock()
-        self.pipelining = pipelining
-
-    async def handle_EHLO(
-        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
-    ) -> list[str]:
-        session.host_name = hostname
-        if not self.pipelining:
-            return responses
-        return [*responses[:-1], "250-PIPELINING", responses[-1]]
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         for line in envelope.content.splitlines():
@@ -129,15 +120,8 @@ def test_concurrent_dispatchers_send_each_effect_exactly_once(
     engine: Engine, database_url: str, tmp_path: Path, pipelining: bool
 ) -> None:
     handler = Counting(pipelining=pipelining)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    controller = Controller(handler, hostname="127.0.0.1", port=port)
-    controller.start()
-    try:
-        settings = Settings(
-            database_url=database_url, smtp_url=f"smtp://127.0.0.1:{port}", data_dir=str(tmp_path)
-        )
+    with running_smtp(handler) as smtp_url:
+        settings = Settings(database_url=database_url, smtp_url=smtp_url, data_dir=str(tmp_path))
         total = 60
         assert enqueue(engine, settings, [intent(n) for n in range(total)]) == total
         dispatchers = [EffectDispatcher(engine, settings, batch_size=7) for _ in range(3)]
@@ -158,8 +142,6 @@ def test_concurrent_dispatchers_send_each_effect_exactly_once(
         for thread in threads:
             thread.join(timeout=60)
         assert not errors
-    finally:
-        controller.stop()
     assert len(handler.message_ids) == total
     assert len(set(handler.message_ids)) == total
     history = effect_timeline(engine, "in_ob")

@@ -20,7 +20,6 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from aiosmtpd.controller import Controller
 from sqlalchemy.engine import Engine
 
 from billhook.config import Settings
@@ -29,7 +28,7 @@ from billhook.effects.render import OutgoingEmail, render_email
 from billhook.effects.smtp import SmtpMailer, Verdict, _content
 from billhook.store.engine import create_engine
 from billhook.store.schema import effects
-from live_server import free_port
+from smtp_servers import SmtpHandler, running_smtp, sent_behind
 from test_effects_batching import Receipt, enqueue, settings_for, states
 from test_effects_email import Clock
 
@@ -38,7 +37,7 @@ REFUSED_SENDER = "blocked@billhook.localhost"
 REFUSED_RECIPIENT = "nobody@example.com"
 
 
-class Server:
+class Server(SmtpHandler):
     """aiosmtpd's handler: offers PIPELINING (or not), refuses one sender and one recipient,
     and notes, when RCPT arrives, what the client had already sent after it; `commands` notes
     each command (the end of a message's content as "content") with its connection and the
@@ -48,7 +47,7 @@ class Server:
     MAIL is refused 421."""
 
     def __init__(self, *, pipelining: bool = True) -> None:
-        self.pipelining = pipelining
+        super().__init__(pipelining=pipelining)
         self.received: list[tuple[tuple[str, int], Message, list[str]]] = []
         self.after_rcpt: list[bytes] = []
         self.commands: list[tuple[str, tuple[str, int], bytes]] = []
@@ -57,14 +56,6 @@ class Server:
         self.stall_seconds = 0.0
         self.closed_after_drop = False
         self.dropped = False
-
-    async def handle_EHLO(
-        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
-    ) -> list[str]:
-        session.host_name = hostname
-        if not self.pipelining:
-            return responses
-        return [*responses[:-1], "250-PIPELINING", responses[-1]]
 
     async def handle_MAIL(
         self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
@@ -83,7 +74,7 @@ class Server:
     ) -> str:
         self._note("RCPT", server, session)
         # Bytes already waiting behind RCPT: "DATA\r\n" when the client pipelined.
-        self.after_rcpt.append(bytes(server._reader._buffer))
+        self.after_rcpt.append(sent_behind(server))
         if address == REFUSED_RECIPIENT:
             return "550 5.1.1 no such mailbox"
         envelope.rcpt_tos.append(address)
@@ -113,7 +104,7 @@ class Server:
         return "250 OK"
 
     def _note(self, command: str, server: Any, session: Any) -> None:
-        self.commands.append((command, session.peer, bytes(server._reader._buffer)))
+        self.commands.append((command, session.peer, sent_behind(server)))
 
     def subjects(self) -> list[str]:
         return [str(message["Subject"]) for _, message, _ in self.received]
@@ -132,12 +123,10 @@ def name(message: Message) -> str:
 
 
 @pytest.fixture
-def server() -> Iterator[tuple[Server, int]]:
+def server() -> Iterator[tuple[Server, str]]:
     handler = Server()
-    controller = Controller(handler, hostname="127.0.0.1", port=free_port())
-    controller.start()
-    yield handler, controller.port
-    controller.stop()
+    with running_smtp(handler) as url:
+        yield handler, url
 
 
 def message(subject: str, body: str = "Hello.\r\n") -> OutgoingEmail:
@@ -146,10 +135,10 @@ def message(subject: str, body: str = "Hello.\r\n") -> OutgoingEmail:
 
 
 def test_the_envelope_goes_in_one_write_and_the_content_arrives_intact(
-    server: tuple[Server, int],
+    server: tuple[Server, str],
 ) -> None:
-    handler, port = server
-    mailer = SmtpMailer(f"smtp://127.0.0.1:{port}")
+    handler, url = server
+    mailer = SmtpMailer(url)
     # A line that starts with a dot must arrive as written (dot-stuffing), the last line
     # without a line end gets one.
     body = "first line\r\n.a line starting with a dot\r\n..two dots\r\n.\r\nend"
@@ -167,17 +156,13 @@ def test_the_envelope_goes_in_one_write_and_the_content_arrives_intact(
 
 def test_a_server_without_pipelining_gets_one_command_at_a_time() -> None:
     handler = Server(pipelining=False)
-    controller = Controller(handler, hostname="127.0.0.1", port=free_port())
-    controller.start()
-    try:
-        mailer = SmtpMailer(f"smtp://127.0.0.1:{controller.port}")
+    with running_smtp(handler) as url:
+        mailer = SmtpMailer(url)
         mailer.send(message("one"), sender=SENDER, recipient="jane@example.com")
         with pytest.raises(Exception, match="550"):
             mailer.send(message("refused"), sender=SENDER, recipient=REFUSED_RECIPIENT)
         mailer.send(message("two"), sender=SENDER, recipient="joe@example.com")
         mailer.close()
-    finally:
-        controller.stop()
     assert handler.after_rcpt == [b"", b"", b""]
     assert handler.subjects() == ["one", "two"]
     assert len(handler.connections()) == 1
@@ -191,10 +176,10 @@ def test_a_server_without_pipelining_gets_one_command_at_a_time() -> None:
     ],
 )
 def test_a_refused_envelope_sends_nothing_and_the_connection_stays_in_step(
-    server: tuple[Server, int], sender: str, recipient: str, error: str
+    server: tuple[Server, str], sender: str, recipient: str, error: str
 ) -> None:
-    handler, port = server
-    mailer = SmtpMailer(f"smtp://127.0.0.1:{port}")
+    handler, url = server
+    mailer = SmtpMailer(url)
     mailer.send(message("before"), sender=SENDER, recipient="jane@example.com")
     with pytest.raises(Exception) as refused:
         mailer.send(message("refused"), sender=sender, recipient=recipient)
@@ -205,9 +190,9 @@ def test_a_refused_envelope_sends_nothing_and_the_connection_stays_in_step(
     assert len(handler.connections()) == 1
 
 
-def test_refused_content_fails_its_message_only(server: tuple[Server, int]) -> None:
-    handler, port = server
-    mailer = SmtpMailer(f"smtp://127.0.0.1:{port}")
+def test_refused_content_fails_its_message_only(server: tuple[Server, str]) -> None:
+    handler, url = server
+    mailer = SmtpMailer(url)
     handler.refuse_content = True
     with pytest.raises(Exception, match="452"):
         mailer.send(message("refused"), sender=SENDER, recipient="jane@example.com")
@@ -223,15 +208,11 @@ def test_a_dropped_kept_connection_is_replaced_without_failing_the_message(
     sqlite_url: str, tmp_path: Path, pipelining: bool
 ) -> None:
     handler = Server(pipelining=pipelining)
-    # The server closes a connection idle for 0.3 s (aiosmtpd's `timeout`).
-    controller = Controller(handler, hostname="127.0.0.1", port=free_port(), timeout=0.3)
-    controller.start()
     engine = create_engine(sqlite_url)
     clock = Clock()
-    try:
-        settings = settings_for(
-            sqlite_url, tmp_path, smtp_url=f"smtp://127.0.0.1:{controller.port}"
-        )
+    # The server closes a connection idle for 0.3 s (aiosmtpd's `timeout`).
+    with running_smtp(handler, timeout=0.3) as url:
+        settings = settings_for(sqlite_url, tmp_path, smtp_url=url)
         dispatcher = EffectDispatcher(engine, settings, clock=clock)
         enqueue(engine, settings, [Receipt("in_before")], clock.now)
         assert dispatcher.run_once() == 1
@@ -244,8 +225,6 @@ def test_a_dropped_kept_connection_is_replaced_without_failing_the_message(
         )
         assert dispatcher.run_once() == 2
         dispatcher.close()
-    finally:
-        controller.stop()
     keys = [str(m["X-Billhook-Idempotency-Key"]) for _, m, _ in handler.received]
     assert keys == ["payment_receipt:in_before", "payment_receipt:in_after"]
     assert len(handler.connections()) == 2
@@ -268,26 +247,27 @@ def test_content_is_dot_stuffed_and_ended_as_smtplib_does(raw: bytes) -> None:
     assert _content(raw) == expected + b".\r\n"
 
 
+def international_receipt(tmp_path: Path) -> OutgoingEmail:
+    """A receipt (invoice in_utf8) to a non-ASCII address, which needs SMTPUTF8."""
+    return render_email(
+        kind="payment_receipt",
+        idempotency_key="payment_receipt:in_utf8",
+        payload={"invoice_id": "in_utf8", "currency": "eur", "amount": 1234},
+        recipient="jöe@exämple.com",
+        created_at=1_700_000_000.0,
+        settings=Settings(database_url="sqlite://", data_dir=str(tmp_path)),
+    )
+
+
 def test_an_international_address_goes_command_by_command_with_smtputf8(tmp_path: Path) -> None:
     handler = Server()
-    controller = Controller(handler, hostname="127.0.0.1", port=free_port(), enable_SMTPUTF8=True)
-    controller.start()
-    try:
-        rendered = render_email(
-            kind="payment_receipt",
-            idempotency_key="payment_receipt:in_utf8",
-            payload={"invoice_id": "in_utf8", "currency": "eur", "amount": 1234},
-            recipient="jöe@exämple.com",
-            created_at=1_700_000_000.0,
-            settings=Settings(database_url="sqlite://", data_dir=str(tmp_path)),
-        )
-        assert rendered.international
-        mailer = SmtpMailer(f"smtp://127.0.0.1:{controller.port}")
+    rendered = international_receipt(tmp_path)
+    assert rendered.international
+    with running_smtp(handler, enable_SMTPUTF8=True) as url:
+        mailer = SmtpMailer(url)
         mailer.send(rendered, sender=SENDER, recipient="jöe@exämple.com")
         mailer.send(message("after"), sender=SENDER, recipient="jane@example.com")
         mailer.close()
-    finally:
-        controller.stop()
     # SMTPUTF8 goes through smtplib's own MAIL, one command at a time; the next is pipelined.
     assert handler.after_rcpt == [b"", b"DATA\r\n"]
     assert [rcpt for _, _, rcpt in handler.received] == [["jöe@exämple.com"], ["jane@example.com"]]
@@ -310,12 +290,12 @@ def outcomes(verdicts: list[Verdict]) -> list[tuple[str, str | None]]:
     ]
 
 
-def test_a_batch_costs_one_round_trip_a_message(server: tuple[Server, int]) -> None:
+def test_a_batch_costs_one_round_trip_a_message(server: tuple[Server, str]) -> None:
     """Each message's content and the next message's envelope reach the server together,
     before it answered the content: the client waited once a message (and once more for the
     last content), and each message has its own verdict."""
-    handler, port = server
-    mailer = SmtpMailer(f"smtp://127.0.0.1:{port}")
+    handler, url = server
+    mailer = SmtpMailer(url)
     one, two, three = message("one"), message("two"), message("three")
     assert mailer.hand(one, sender=SENDER, recipient="a@example.com") == []
     assert outcomes(mailer.hand(two, sender=SENDER, recipient="b@example.com")) == [("one", None)]
@@ -341,11 +321,11 @@ def test_a_batch_costs_one_round_trip_a_message(server: tuple[Server, int]) -> N
 
 
 def test_a_refused_content_fails_its_message_while_the_next_envelope_is_already_sent(
-    server: tuple[Server, int],
+    server: tuple[Server, str],
 ) -> None:
-    handler, port = server
+    handler, url = server
     handler.actions = {"refused": "refuse"}
-    mailer = SmtpMailer(f"smtp://127.0.0.1:{port}")
+    mailer = SmtpMailer(url)
     refused, after = message("refused"), message("after")
     assert outcomes(mailer.hand(message("before"), sender=SENDER, recipient="a@example.com")) == []
     assert outcomes(mailer.hand(refused, sender=SENDER, recipient="b@example.com")) == [
@@ -367,15 +347,15 @@ def test_a_refused_content_fails_its_message_while_the_next_envelope_is_already_
 
 
 def test_the_message_behind_a_dropped_connection_is_not_sent_without_its_own_250(
-    server: tuple[Server, int],
+    server: tuple[Server, str],
 ) -> None:
     """The server drops the connection after "dropped"'s content, with "behind"'s envelope
     already sent: "dropped" fails (its verdict never came), "behind" starts again on a new
     connection, where the server refuses it: it fails too, nothing of it having been accepted."""
-    handler, port = server
+    handler, url = server
     handler.actions = {"dropped": "drop"}
     handler.closed_after_drop = True
-    mailer = SmtpMailer(f"smtp://127.0.0.1:{port}")
+    mailer = SmtpMailer(url)
     dropped, behind = message("dropped"), message("behind")
     assert mailer.hand(dropped, sender=SENDER, recipient="a@example.com") == []
     verdicts = mailer.hand(behind, sender=SENDER, recipient="b@example.com")
@@ -405,18 +385,9 @@ def test_an_international_message_goes_alone_between_pipelined_ones(tmp_path: Pa
     """The message waiting for its content is settled alone (nothing behind its content), the
     SMTPUTF8 one goes command by command, and the next one is pipelined again."""
     handler = Server()
-    controller = Controller(handler, hostname="127.0.0.1", port=free_port(), enable_SMTPUTF8=True)
-    controller.start()
-    try:
-        rendered = render_email(
-            kind="payment_receipt",
-            idempotency_key="payment_receipt:in_utf8",
-            payload={"invoice_id": "in_utf8", "currency": "eur", "amount": 1234},
-            recipient="jöe@exämple.com",
-            created_at=1_700_000_000.0,
-            settings=Settings(database_url="sqlite://", data_dir=str(tmp_path)),
-        )
-        mailer = SmtpMailer(f"smtp://127.0.0.1:{controller.port}")
+    rendered = international_receipt(tmp_path)
+    with running_smtp(handler, enable_SMTPUTF8=True) as url:
+        mailer = SmtpMailer(url)
         assert mailer.hand(message("before"), sender=SENDER, recipient="a@example.com") == []
         before, international = mailer.hand(rendered, sender=SENDER, recipient="jöe@exämple.com")
         assert outcomes([before]) == [("before", None)]
@@ -424,8 +395,6 @@ def test_an_international_message_goes_alone_between_pipelined_ones(tmp_path: Pa
         assert mailer.hand(message("after"), sender=SENDER, recipient="b@example.com") == []
         assert outcomes(mailer.settle()) == [("after", None)]
         mailer.close()
-    finally:
-        controller.stop()
     assert [name(m) for _, m, _ in handler.received] == ["before", "in_utf8", "after"]
     assert len(handler.connections()) == 1
     behind = [b for command, _, b in handler.commands if command in ("RCPT", "content")]
@@ -433,12 +402,12 @@ def test_an_international_message_goes_alone_between_pipelined_ones(tmp_path: Pa
 
 
 def test_closing_with_a_message_waiting_drops_it_unsent_at_once(
-    server: tuple[Server, int],
+    server: tuple[Server, str],
 ) -> None:
     """The server reads content after DATA's 354: closing then sends no QUIT (it would be read
     as content, and its answer waited for until the timeout) and the message is not sent."""
-    handler, port = server
-    mailer = SmtpMailer(f"smtp://127.0.0.1:{port}", timeout=10.0)
+    handler, url = server
+    mailer = SmtpMailer(url, timeout=10.0)
     assert mailer.hand(message("waiting"), sender=SENDER, recipient="a@example.com") == []
     started = time.monotonic()
     mailer.close()
@@ -461,12 +430,10 @@ def dispatch(
     timeout: float = 10.0,
 ) -> Engine:
     """Run one batch of receipts (one per invoice id) through the dispatcher into `handler`."""
-    controller = Controller(handler, hostname="127.0.0.1", port=free_port())
-    controller.start()
     engine = create_engine(url)
     clock = Clock()
-    try:
-        settings = settings_for(url, tmp_path, smtp_url=f"smtp://127.0.0.1:{controller.port}")
+    with running_smtp(handler) as smtp_url:
+        settings = settings_for(url, tmp_path, smtp_url=smtp_url)
         enqueue(
             engine,
             settings,
@@ -480,8 +447,6 @@ def dispatch(
         dispatcher = EffectDispatcher(engine, settings, clock=clock, mailer=mailer)
         assert dispatcher.run_once() == len(invoices)
         dispatcher.close()
-    finally:
-        controller.stop()
     return engine
 
 
@@ -615,15 +580,11 @@ def test_a_batch_cut_short_sends_no_content_of_the_message_waiting_for_it(
     read before in_1 is handed over): nothing of the batch is recorded, in_0's content is
     never sent, and once the lease is over the batch is in doubt and sent again, counted."""
     handler = Server()
-    controller = Controller(handler, hostname="127.0.0.1", port=free_port())
-    controller.start()
     engine = create_engine(sqlite_url)
     # Readings: the claim, the batch's renewal time, then one before each hand-over.
     clock = FailingClock(fail_on=4)
-    try:
-        settings = settings_for(
-            sqlite_url, tmp_path, smtp_url=f"smtp://127.0.0.1:{controller.port}"
-        )
+    with running_smtp(handler) as url:
+        settings = settings_for(sqlite_url, tmp_path, smtp_url=url)
         enqueue(engine, settings, [Receipt("in_0"), Receipt("in_1")], clock.now)
         dispatcher = EffectDispatcher(engine, settings, clock=clock)
         with pytest.raises(RuntimeError, match="the clock broke"):
@@ -633,8 +594,6 @@ def test_a_batch_cut_short_sends_no_content_of_the_message_waiting_for_it(
         clock.now += settings.lease_seconds + 1
         assert dispatcher.run_once() == 2
         dispatcher.close()
-    finally:
-        controller.stop()
     assert handler.names() == ["in_0", "in_1"]
     assert [command for command, _, _ in handler.commands][:2] == ["MAIL", "RCPT"]
     assert states(engine) == {"in_0": "sent", "in_1": "sent"}

@@ -15,7 +15,6 @@ import orjson
 import pytest
 import sqlalchemy as sa
 import uvicorn
-from aiosmtpd.controller import Controller
 from standardwebhooks import Webhook
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -27,6 +26,7 @@ from billhook.effects import EffectDispatcher, enqueue_effects
 from billhook.errors import ConfigError
 from billhook.store.engine import create_engine, transaction
 from billhook.store.schema import effects
+from smtp_servers import SmtpHandler, running_smtp
 
 
 class Downstream:
@@ -142,19 +142,14 @@ def test_webhook_url_without_a_secret_is_a_start_up_error(sqlite_url: str) -> No
     engine.dispose()
 
 
-class PipelinedInbox:
+class PipelinedInbox(SmtpHandler):
     """An SMTP server offering PIPELINING that notes, at each email's content, how many webhook
     requests `downstream` had received by then."""
 
     def __init__(self, downstream: Downstream) -> None:
+        super().__init__(pipelining=True)
         self.downstream = downstream
         self.webhooks_before: list[int] = []
-
-    async def handle_EHLO(
-        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
-    ) -> list[str]:
-        session.host_name = hostname
-        return [*responses[:-1], "250-PIPELINING", responses[-1]]
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         self.webhooks_before.append(len(self.downstream.requests))
@@ -169,17 +164,12 @@ def test_an_email_waiting_for_its_verdict_gets_it_before_a_webhook_goes(
     while the webhook goes."""
     recorder, url = downstream
     inbox = PipelinedInbox(recorder)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    controller = Controller(inbox, hostname="127.0.0.1", port=port)
-    controller.start()
     engine = create_engine(sqlite_url)
-    try:
+    with running_smtp(inbox) as smtp_url:
         settings = Settings(
             database_url=sqlite_url,
             data_dir=str(tmp_path),
-            smtp_url=f"smtp://127.0.0.1:{port}",
+            smtp_url=smtp_url,
             effect_webhook_url=url,
             effect_webhook_secret="whsec_" + base64.b64encode(os.urandom(24)).decode(),
         )
@@ -205,8 +195,6 @@ def test_an_email_waiting_for_its_verdict_gets_it_before_a_webhook_goes(
         dispatcher = EffectDispatcher(engine, settings, clock=lambda: time.time() + 10)
         assert dispatcher.run_once() == 4
         dispatcher.close()
-    finally:
-        controller.stop()
     with engine.connect() as connection:
         rows = connection.execute(
             sa.select(effects.c.channel, effects.c.state).order_by(effects.c.id)
