@@ -130,9 +130,6 @@ def upgrade() -> None:
         sa.CheckConstraint(
             "outcome IN ('accepted', 'duplicate')", name=op.f("ck_deliveries_outcome")
         ),
-        sa.ForeignKeyConstraint(
-            ["event_pk"], ["events.id"], name=op.f("fk_deliveries_event_pk_events")
-        ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_deliveries")),
     )
     with op.batch_alter_table("deliveries", schema=None) as batch_op:
