@@ -62,8 +62,9 @@ def _ingest_markdown(result: dict[str, Any], notes: str) -> str:
                 f"{100 * result[f'ingest_ratio_{key}']:.0f}% of the ceiling, "
                 f"p99 {result[f'ingest_p99_ms_{key}']:.1f} ms"
             )
-    lines.append(f"- duplicate cost (time per duplicate / time per new event, worst database): "
-                 f"{result.get('duplicate_cost_ratio')}")
+    lines.append(f"- duplicate cost (CPU per duplicate / CPU per new event, worst database): "
+                 f"{result.get('duplicate_cost_ratio')}; time per duplicate / time per new "
+                 f"event: {result.get('duplicate_time_ratio')}")
     if result.get("profile_top"):
         lines += ["", "Profile (py-spy, SQLite, 32 connections):", "", "```",
                   *result["profile_top"], "```"]

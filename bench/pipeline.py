@@ -18,7 +18,6 @@ wrk starts and stops at the last receipt handed over.
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import shutil
 import signal
@@ -36,9 +35,11 @@ from bench._common import (
     PostfixSink,
     SmtpSink,
     billhook_env,
+    cpu_seconds,
     database,
     free_port,
     percentile,
+    postgres_cpu_seconds,
     processes,
     say,
     wait_for,
@@ -128,8 +129,8 @@ def run(
                 started = time.time()
                 sink_pid = getattr(sink, "pid", None)
                 cpu_before = _cpu(children), resource.getrusage(resource.RUSAGE_SELF)
-                sink_before = _cpu_of(sink_pid) if sink_pid else 0.0
-                postgres_before = _postgres_cpu() if kind == "postgresql" else 0.0
+                sink_before = cpu_seconds(sink_pid) if sink_pid else 0.0
+                postgres_before = postgres_cpu_seconds() if kind == "postgresql" else 0.0
                 wrk = subprocess.Popen(
                     ["wrk", "-t2", f"-c{CONNECTIONS}", "-d600s", "--timeout", "10s",
                      "-s", str(script), base, "--", str(requests), "2"],
@@ -144,8 +145,8 @@ def run(
                     wrk.wait(timeout=30)
                 wait_for(lambda: sink.count() >= stored, 300, "receipts", step=0.05)
                 cpu_after = _cpu(children), resource.getrusage(resource.RUSAGE_SELF)
-                sink_after = _cpu_of(sink_pid) if sink_pid else 0.0
-                postgres_after = _postgres_cpu() if kind == "postgresql" else 0.0
+                sink_after = cpu_seconds(sink_pid) if sink_pid else 0.0
+                postgres_after = postgres_cpu_seconds() if kind == "postgresql" else 0.0
                 time.sleep(0.5)  # a late duplicate would show here
             latencies = _latencies(engine, sink.first_by_invoice(), set(invoice_ids))
             retried = _failed_attempts(engine)
@@ -187,29 +188,7 @@ def run(
 
 def _cpu(children: list[subprocess.Popen[bytes]]) -> list[float]:
     """CPU seconds (user + system, all threads) each process has used so far."""
-    return [_cpu_of(child.pid) for child in children]
-
-
-def _postgres_cpu() -> float:
-    """CPU seconds of every `postgres` process on this machine (the server's backends do the
-    database's share of the work; other clients' work would count too)."""
-    total = 0.0
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if (entry / "comm").read_text().strip() == "postgres":
-                    total += _cpu_of(int(entry.name))
-            except OSError:
-                continue
-    return total
-
-
-def _cpu_of(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except FileNotFoundError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return [cpu_seconds(child.pid) for child in children]
 
 
 def _wait_stored(engine: sa.engine.Engine, events: int) -> tuple[int, float]:
