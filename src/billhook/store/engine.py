@@ -13,7 +13,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from billhook.errors import StoreUnavailable
 from billhook.store.wal_checkpoints import WRITER_AUTOCHECKPOINT_PAGES, checkpointer_for
-from billhook.store.write_turns import TurnTakingConnection
+from billhook.store.write_turns import TurnTakingConnection, is_database_file
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -50,11 +50,7 @@ def create_engine(url: str, **kwargs: Any) -> Engine:
 
 def _configure_sqlite(engine: Engine) -> None:
     database = engine.url.database
-    checkpointer = (
-        checkpointer_for(database)
-        if database and database != ":memory:" and not database.startswith("file:")
-        else None
-    )
+    checkpointer = checkpointer_for(database) if database and is_database_file(database) else None
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:

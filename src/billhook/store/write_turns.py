@@ -32,6 +32,11 @@ from typing import Any
 _holders: set[int] = set()
 
 
+def is_database_file(database: str | None) -> bool:
+    """A plain file path (not `:memory:`, not a `file:` URI): turns and checkpoints apply."""
+    return bool(database) and database != ":memory:" and not str(database).startswith("file:")
+
+
 class TurnTakingConnection(sqlite3.Connection):
     """A `sqlite3.Connection` (`factory=` of `sqlite3.connect`) that takes turns at writing."""
 
@@ -41,7 +46,7 @@ class TurnTakingConnection(sqlite3.Connection):
         self._holder: int | None = None
         self._changes_at_begin = 0
         self.after_write: Callable[[], None] | None = None
-        if database and database != ":memory:" and not database.startswith("file:"):
+        if is_database_file(database):
             with contextlib.suppress(OSError):  # no such directory: SQLite will say so itself
                 self._turn_fd = os.open(database + "-write-turn", os.O_RDWR | os.O_CREAT, 0o600)
 
