@@ -55,8 +55,9 @@ NOTES = """
 - Every process shares the same 2 cores. The last column is CPU per event for each process kind
   over the whole run: their sum caps the run near 2 cores / that sum, before any waiting.
 - Workers apply a claimed batch in one transaction (`billhook.applying`) and dispatch mail in
-  batches of up to 200 on one SMTP connection (three commits per batch; MAIL, RCPT and DATA
-  pipelined when the server offers PIPELINING, as smtp-sink does). `batch_sizes` (in the JSON)
+  batches of up to 200 on one SMTP connection (three commits per batch; when the server offers
+  PIPELINING, as smtp-sink does, one round trip a message: its content goes out with the next
+  message's MAIL, RCPT and DATA). `batch_sizes` (in the JSON)
   is the mean rows per transaction: jobs per claim and per completion, effects per claim.
 - On SQLite the workers' batch transactions and the ingest group commits take turns at the one
   write lock, so ingest runs slower here than alone (ingest table). Every SQLite write
