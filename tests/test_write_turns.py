@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 
 from billhook.store.engine import create_engine
@@ -62,25 +64,18 @@ def test_a_second_writer_waits_for_the_first_ones_commit(sqlite_url: str) -> Non
         second_engine.dispose()
 
 
-def test_a_rollback_gives_the_turn_back(sqlite_url: str) -> None:
-    first_engine, second_engine = create_engine(sqlite_url), create_engine(sqlite_url)
-    began, done = threading.Event(), threading.Event()
-    try:
-        connection = first_engine.connect()
-        transaction = connection.begin()
-        thread = threading.Thread(target=_begin_in_thread, args=(second_engine, began, done))
-        thread.start()
-        assert not began.wait(0.3)
-        transaction.rollback()
-        assert done.wait(5)
-        thread.join()
-        connection.close()
-    finally:
-        first_engine.dispose()
-        second_engine.dispose()
+def _roll_back(connection: sa.Connection) -> None:
+    connection.rollback()
 
 
-def test_a_closed_connection_gives_the_turn_back(sqlite_url: str) -> None:
+def _drop(connection: sa.Connection) -> None:
+    connection.invalidate()  # the driver connection is closed, its transaction abandoned
+
+
+@pytest.mark.parametrize("end", [_roll_back, _drop], ids=["rollback", "closed connection"])
+def test_a_transaction_that_ends_without_commit_gives_the_turn_back(
+    sqlite_url: str, end: Callable[[sa.Connection], None]
+) -> None:
     first_engine, second_engine = create_engine(sqlite_url), create_engine(sqlite_url)
     began, done = threading.Event(), threading.Event()
     try:
@@ -89,9 +84,10 @@ def test_a_closed_connection_gives_the_turn_back(sqlite_url: str) -> None:
         thread = threading.Thread(target=_begin_in_thread, args=(second_engine, began, done))
         thread.start()
         assert not began.wait(0.3)
-        connection.invalidate()  # the driver connection is closed, its transaction abandoned
+        end(connection)
         assert done.wait(5)
         thread.join()
+        connection.close()
     finally:
         first_engine.dispose()
         second_engine.dispose()
