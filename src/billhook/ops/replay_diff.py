@@ -19,19 +19,8 @@ from sqlalchemy.engine import Connection
 
 from billhook.billing import EffectIntent, InvoiceState, summarize
 from billhook.ops.replay_selection import CHUNK
-from billhook.store.invoices import summary_columns
+from billhook.store.invoices import SUMMARY_COLUMNS, summary_columns
 from billhook.store.schema import effects, invoices
-
-SUMMARY_COLUMNS = (
-    "number",
-    "status",
-    "disputed",
-    "currency",
-    "amount_due",
-    "amount_paid",
-    "amount_refunded",
-    "customer_email",
-)
 
 
 @dataclass(frozen=True)

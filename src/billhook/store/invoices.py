@@ -249,7 +249,8 @@ _LOAD_MANY = tuple(
     for among in among_per_dialect(invoices.c.id, sa.String())
 )
 _LOAD_MANY_LOCKED = _LOAD_MANY[True].with_for_update()
-_SUMMARY_NAMES = (
+# The queryable summary of an invoice's state (`summary_columns`), as stored.
+SUMMARY_COLUMNS = (
     "number",
     "status",
     "disputed",
@@ -258,10 +259,8 @@ _SUMMARY_NAMES = (
     "amount_paid",
     "amount_refunded",
     "customer_email",
-    "state",
-    "attention",
-    "updated_at",
 )
+_SUMMARY_NAMES = (*SUMMARY_COLUMNS, "state", "attention", "updated_at")
 _INSERT_INVOICE = tuple(
     dialect.insert(invoices)
     .values(
