@@ -29,7 +29,7 @@ from billhook.config import Settings, load_settings
 from billhook.errors import NotFound
 from billhook.queue.jobs import Job
 from billhook.store.engine import among_per_dialect, transaction
-from billhook.store.events import Outcome, mark_outcomes
+from billhook.store.events import mark_outcomes
 from billhook.store.invoices import invoice_for_charge
 from billhook.store.schema import events, invoices
 
@@ -135,10 +135,6 @@ def decode_event(source: str, body: bytes) -> BillingEvent | None:
     return parse_event(source, payload)
 
 
-def _mark(connection: Connection, event_pk: int, outcome: Outcome, now: float) -> None:
-    mark_outcomes(connection, [event_pk], outcome, now=now)
-
-
 @lru_cache(maxsize=1)
 def _default_processor() -> Processor:
     return Processor(load_settings())
@@ -165,7 +161,7 @@ def on_job_dead(connection: Connection, job: Job) -> None:
     if job.event_pk is None:
         return
     now = time.time()
-    _mark(connection, job.event_pk, "failed", now)
+    mark_outcomes(connection, [job.event_pk], "failed", now=now)
     key = job.ordering_key
     if key.startswith("charge:"):
         resolved = invoice_for_charge(connection, key.removeprefix("charge:"))

@@ -102,7 +102,7 @@ class _Applier:
                     now = self.clock()
                     for outcome, pks in marks.items():
                         if pks:
-                            _mark(connection, pks, outcome, now)
+                            mark_outcomes(connection, pks, outcome, now=now)
 
     def _tick(self, count: int) -> None:
         if self.on_event is not None:
@@ -142,7 +142,7 @@ class _Applier:
                     raise _GroupRefused
                 unmarked = [item.stored.pk for item in group if item.stored.outcome != "processed"]
                 if unmarked:
-                    _mark(connection, unmarked, "processed", self.clock())
+                    mark_outcomes(connection, unmarked, "processed", now=self.clock())
         except (_GroupRefused, ConcurrentUpdate, sa.exc.IntegrityError):
             return False
         self.applied += len(group)
@@ -158,7 +158,7 @@ class _Applier:
                         connection, event, source=stored.source, event_pk=stored.pk
                     )
                     if stored.outcome != "processed":
-                        _mark(connection, [stored.pk], "processed", self.clock())
+                        mark_outcomes(connection, [stored.pk], "processed", now=self.clock())
             except ConcurrentUpdate as exc:
                 if attempt + 1 == CONCURRENT_RETRIES:
                     self._fail(stored, exc)
@@ -174,10 +174,6 @@ class _Applier:
 
     def _fail(self, stored: StoredEvent, exc: Exception) -> None:
         self.failed.append(event_failure(stored, exc))
-
-
-def _mark(connection: Connection, event_pks: Sequence[int], outcome: Outcome, now: float) -> None:
-    mark_outcomes(connection, event_pks, outcome, now=now)
 
 
 @dataclass(frozen=True)
