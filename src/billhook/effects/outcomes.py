@@ -13,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
@@ -22,6 +21,7 @@ from billhook.effects.claim import ClaimedEffect
 from billhook.effects.metrics import EFFECTS_DEAD, EFFECTS_FAILED, EFFECTS_SENT
 from billhook.observability import get_logger
 from billhook.queue.retry import next_run_at
+from billhook.store.batch_writes import SQLITE_HELD, held_pairs
 from billhook.store.engine import transaction
 from billhook.store.schema import effect_attempts, effects
 
@@ -107,13 +107,11 @@ class OutcomeRecorder:
         sent = [_ours(o.effect) for o in done if o.error is None]
         applied: set[int] = set()
         if connection.dialect.name == "sqlite":
-            # Fixed driver SQL: an executemany of tuples, and the (id, attempts) pairs as one JSON
-            # array, so no per-row parameter processing and no IN list rendered per batch size.
+            # Fixed driver SQL: an executemany of tuples, and the sent rows as one JSON parameter,
+            # so no per-row parameter processing and no IN list rendered per batch size.
             connection.exec_driver_sql(_CLOSE_ATTEMPT_SQLITE, closed)
             if sent:
-                rows = connection.exec_driver_sql(
-                    _MARK_SENT_SQLITE, (now, orjson.dumps(sent).decode())
-                )
+                rows = connection.exec_driver_sql(_MARK_SENT_SQLITE, (now, held_pairs(sent)))
                 applied.update(int(row[0]) for row in rows)
         else:
             connection.execute(
@@ -212,7 +210,7 @@ _CLOSE_ATTEMPT_SQLITE = (
 _MARK_SENT_SQLITE = (
     f"UPDATE {effects.name} SET state = 'sent', sent_at = ?, lease_expires_at = NULL, "
     "last_error = NULL WHERE state = 'sending' "
-    "AND (id, attempts) IN (SELECT value ->> 0, value ->> 1 FROM json_each(?)) RETURNING id"
+    f"AND {SQLITE_HELD} RETURNING id"
 )
 _CLOSE_ATTEMPT = (
     sa.update(effect_attempts)

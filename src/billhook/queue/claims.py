@@ -20,13 +20,13 @@ import random
 import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
-import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from billhook.queue.jobs import Job, notify_enqueued
 from billhook.queue.retry import RetryPolicy, is_last_attempt, next_run_at
 from billhook.queue.states import CLAIMABLE, JobState
+from billhook.store.batch_writes import SQLITE_HELD, held_pairs
 from billhook.store.engine import transaction
 from billhook.store.schema import job_attempts, jobs, settings
 
@@ -203,11 +203,10 @@ def complete_many_in(connection: Connection, done: Sequence[Job], *, now: float)
             ).all()
             completed.update(int(row[0]) for row in rows)
         return completed
-    # SQLite: fixed driver SQL. The (id, attempts) pairs go as one JSON array, so every batch size
-    # runs the same prepared statement (an expanded IN list is rendered, and its parameters
-    # processed, per call), and the attempt rows are a plain executemany of tuples.
+    # SQLite: fixed driver SQL, the held jobs as one JSON parameter, and the attempt rows a plain
+    # executemany of tuples.
     for worker_id, held in by_worker.items():
-        pairs = orjson.dumps([(job.id, job.attempts) for job in held]).decode()
+        pairs = held_pairs((job.id, job.attempts) for job in held)
         rows = connection.exec_driver_sql(_COMPLETE_SQLITE, (now, worker_id, pairs)).all()
         completed.update(int(row[0]) for row in rows)
     attempts = [
@@ -229,7 +228,7 @@ def complete_many_in(connection: Connection, done: Sequence[Job], *, now: float)
 _COMPLETE_SQLITE = (
     f"UPDATE {jobs.name} SET state = '{JobState.COMPLETED.value}', finished_at = ?, "
     f"lease_expires_at = NULL WHERE state = '{JobState.RUNNING.value}' AND worker_id = ? "
-    "AND (id, attempts) IN (SELECT value ->> 0, value ->> 1 FROM json_each(?)) RETURNING id"
+    f"AND {SQLITE_HELD} RETURNING id"
 )
 _RECORD_COMPLETED_SQLITE = (
     f"INSERT INTO {job_attempts.name} (job_id, attempt, worker_id, started_at, finished_at, "

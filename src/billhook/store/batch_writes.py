@@ -16,11 +16,22 @@ Bind/Execute per row; a row count is what the callers need back, nothing else. H
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from sqlalchemy.engine import Connection
+
+# SQLite: rows a worker or dispatcher still holds, named by (id, attempts) pairs bound as one
+# JSON array (`held_pairs`): every batch size runs the same prepared statement, where an
+# expanded IN list is rendered, and its parameters processed, per call.
+SQLITE_HELD = "(id, attempts) IN (SELECT value ->> 0, value ->> 1 FROM json_each(?))"
+
+
+def held_pairs(pairs: Iterable[tuple[int, int]]) -> str:
+    """The parameter of `SQLITE_HELD`."""
+    return orjson.dumps(list(pairs)).decode()
 
 
 @dataclass(frozen=True)
