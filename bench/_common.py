@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,45 +83,52 @@ def database(kind: str, scratch: Path) -> Iterator[str]:
         admin.dispose()
 
 
+@dataclass(frozen=True)
+class _Process:
+    name: str
+    parent: int
+    cpu_seconds: float  # user + system, all threads, so far
+
+
+def _process(pid: int | str) -> _Process | None:
+    """`pid` from /proc/PID/stat; None once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    name, _, rest = stat.partition(" (")[2].rpartition(") ")
+    fields = rest.split()
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return _Process(name, int(fields[1]), cpu)
+
+
+def _processes() -> dict[int, _Process]:
+    """Every process on this machine."""
+    found = {int(e.name): _process(e.name) for e in Path("/proc").iterdir() if e.name.isdigit()}
+    return {pid: process for pid, process in found.items() if process is not None}
+
+
 def cpu_seconds(pid: int) -> float:
     """CPU seconds (user + system, all threads) process `pid` has used so far; 0 once gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    process = _process(pid)
+    return 0.0 if process is None else process.cpu_seconds
 
 
 def tree_cpu_seconds(pid: int) -> float:
     """`cpu_seconds` of `pid` and every process below it (`serve --processes N` children)."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    processes = _processes()
     tree, grew = {pid}, True
     while grew:
-        below = {child for child, parent in parents.items() if parent in tree} - tree
+        below = {child for child, p in processes.items() if p.parent in tree} - tree
         tree |= below
         grew = bool(below)
-    return sum(cpu_seconds(member) for member in tree)
+    return sum(processes[member].cpu_seconds for member in tree if member in processes)
 
 
 def postgres_cpu_seconds() -> float:
     """CPU seconds of every `postgres` process on this machine (the server's backends do the
     database's share of the work; other clients' work would count too)."""
-    total = 0.0
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if (entry / "comm").read_text().strip() == "postgres":
-                    total += cpu_seconds(int(entry.name))
-            except OSError:
-                continue
-    return total
+    return sum(p.cpu_seconds for p in _processes().values() if p.name == "postgres")
 
 
 def billhook_env(**extra: str) -> dict[str, str]:
