@@ -16,7 +16,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -316,68 +316,66 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(int(q * len(ordered)), len(ordered) - 1)]
 
 
+def write_wrk_requests(path: Path, deliveries: Iterable[tuple[str, bytes]]) -> Path:
+    """Write `(Stripe-Signature, body)` deliveries as the raw HTTP requests `wrk_script` sends,
+    each preceded by its length on a line of its own. Returns `path`."""
+    with path.open("wb") as handle:
+        for signature, body in deliveries:
+            request = (
+                b"POST /webhooks/stripe HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Content-Type: application/json\r\nStripe-Signature: " + signature.encode()
+                + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+            )
+            handle.write(str(len(request)).encode() + b"\n" + request)
+    return path
+
+
 def wrk_script(*, once: bool) -> str:
-    """The wrk Lua script that POSTs pre-signed Stripe deliveries to /webhooks/stripe.
+    """The wrk Lua script that sends the requests `write_wrk_requests` wrote, in order, from
+    one wrk thread (`wrk -t1 ... -- FILE`).
 
-    They are read from the file named by the script's first argument (`wrk ... -- FILE [N]`),
-    one delivery a line: `<Stripe-Signature>\\t<body>`.
+    One thread, because wrk runs `init` for one thread after another while the threads already
+    started send load: with two threads loading 150k requests each, the first had the server to
+    itself for over a second, counted in the run, while the second's loading took a core from
+    the server. With one, everything is loaded before the clock starts; one wrk thread sends
+    over 70k requests/s here, well above any server measured. The requests are formatted
+    beforehand so that loading costs little (wrk.format per request cost ~16 us each).
 
-    `once=False` (a run of fixed duration, bench.ingest): every thread loads the whole file and
-    sends it round and round, thread k starting k halves into it, and wrk prints
-    `BENCH requests duration_us errors p50_us p99_us max_us` at the end.
-
-    `once=True` (a fixed set of events, bench.pipeline): thread k of the N threads named by the
-    second argument sends lines k, k + N, k + 2N, ... once each, then repeats its last line (a
-    duplicate, answered but not counted) until wrk is stopped.
+    `once=False` (a run of fixed duration, bench.ingest): the requests are sent round and
+    round, and wrk prints `BENCH requests duration_us errors p50_us p99_us max_us` at the end.
+    `once=True` (a fixed set of events, bench.pipeline): each is sent once, then the last is
+    repeated (a duplicate, answered but not counted) until wrk is stopped.
     """
-    if once:
-        return _WRK_REQUESTS.substitute(past_end="n") + _WRK_SLICE_ONCE
-    return _WRK_REQUESTS.substitute(past_end="1") + _WRK_LOOP + _WRK_REPORT
+    return _WRK_REQUESTS.substitute(past_end="count" if once else "1") + (
+        "" if once else _WRK_REPORT
+    )
 
 
 _WRK_REQUESTS = string.Template(r"""
 local requests = {}
-local n = 0
-local i = 0
-local threads = 0
-function setup(thread)
-  thread:set("id", threads)
-  threads = threads + 1
-end
-local function add(line)
-  local tab = line:find("\t", 1, true)
-  n = n + 1
-  requests[n] = wrk.format("POST", "/webhooks/stripe",
-    {["Content-Type"] = "application/json", ["Stripe-Signature"] = line:sub(1, tab - 1)},
-    line:sub(tab + 1))
+local count = 0
+local sent = 0
+function init(args)
+  local file = assert(io.open(args[1], "rb"))
+  local data = file:read("*a")
+  file:close()
+  local at = 1
+  while at <= #data do
+    local newline = data:find("\n", at, true)
+    local length = tonumber(data:sub(at, newline - 1))
+    count = count + 1
+    requests[count] = data:sub(newline + 1, newline + length)
+    at = newline + length + 1
+  end
 end
 function request()
-  i = i + 1
-  if i > n then i = $past_end end
-  return requests[i]
+  sent = sent + 1
+  if sent > count then
+    sent = $past_end
+  end
+  return requests[sent]
 end
 """)
-_WRK_LOOP = r"""
-function init(args)
-  for line in io.lines(args[1]) do
-    add(line)
-  end
-  -- each wrk thread starts at its own offset so threads do not send the same events
-  i = (id or 0) * math.floor(n / 2)
-end
-"""
-_WRK_SLICE_ONCE = r"""
-function init(args)
-  local total = tonumber(args[2])
-  local k = 0
-  for line in io.lines(args[1]) do
-    if k % total == id then
-      add(line)
-    end
-    k = k + 1
-  end
-end
-"""
 _WRK_REPORT = r"""
 function done(summary, latency, requests)
   io.write(string.format("BENCH %d %d %d %d %d %d\n", summary.requests, summary.duration,

@@ -62,7 +62,12 @@ import httpx
 import orjson
 import sqlalchemy as sa
 
-from bench._common import postgres_cpu_seconds, tree_cpu_seconds, wrk_script
+from bench._common import (
+    postgres_cpu_seconds,
+    tree_cpu_seconds,
+    write_wrk_requests,
+    wrk_script,
+)
 from billhook.sources import stripe
 from billhook.sources.templates import build_event
 
@@ -231,21 +236,15 @@ def _signed_requests(count: int) -> list[tuple[str, bytes]]:
     return out
 
 
-def _write_requests(path: Path, requests: list[tuple[str, bytes]]) -> Path:
-    with path.open("wb") as handle:
-        for signature, body in requests:
-            handle.write(signature.encode() + b"\t" + body + b"\n")
-    return path
-
-
 def _run_wrk(
-    url: str, connections: int, duration: float, requests_file: Path
+    url: str, connections: int, duration: float, requests: list[tuple[str, bytes]],
+    requests_file: Path,
 ) -> tuple[float, float, float, int, float]:
+    write_wrk_requests(requests_file, requests)
     script = requests_file.with_suffix(".lua")
     script.write_text(wrk_script(once=False))
-    threads = 1 if connections == 1 else 2
     command = [
-        "wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(duration))}s",
+        "wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s",
         "--timeout", "10s", "-s", str(script), url, "--", str(requests_file),
     ]
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
@@ -290,7 +289,7 @@ def _load(
     requests: list[tuple[str, bytes]], path: Path,
 ) -> tuple[float, float, float, int, float]:
     if client == "wrk":
-        return _run_wrk(url, connections, duration, _write_requests(path, requests))
+        return _run_wrk(url, connections, duration, requests, path)
     return asyncio.run(_run_httpx(url, connections, duration, requests))
 
 

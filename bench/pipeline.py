@@ -43,6 +43,7 @@ from bench._common import (
     processes,
     say,
     wait_for,
+    write_wrk_requests,
     wrk_script,
 )
 from bench._events import paid_bodies, signed
@@ -101,12 +102,12 @@ def run(
         raise RuntimeError("bench.pipeline needs wrk (Debian package `wrk`)")
     scratch.mkdir(parents=True, exist_ok=True)
     now = int(time.time())
-    requests = scratch / f"pipeline-{kind}.txt"
     invoice_ids: list[str] = []
-    with requests.open("wb") as handle:
-        for invoice_id, body in paid_bodies(events, now):
-            invoice_ids.append(invoice_id)
-            handle.write(signed(body, now).encode() + b"\t" + body + b"\n")
+    deliveries = []
+    for invoice_id, body in paid_bodies(events, now):
+        invoice_ids.append(invoice_id)
+        deliveries.append((signed(body, now), body))
+    requests = write_wrk_requests(scratch / f"pipeline-{kind}.txt", deliveries)
     script = scratch / "pipeline.lua"
     script.write_text(wrk_script(once=True))
     port = free_port()
@@ -133,8 +134,8 @@ def run(
                 sink_before = cpu_seconds(sink_pid) if sink_pid else 0.0
                 postgres_before = postgres_cpu_seconds() if kind == "postgresql" else 0.0
                 wrk = subprocess.Popen(
-                    ["wrk", "-t2", f"-c{CONNECTIONS}", "-d600s", "--timeout", "10s",
-                     "-s", str(script), base, "--", str(requests), "2"],
+                    ["wrk", "-t1", f"-c{CONNECTIONS}", "-d600s", "--timeout", "10s",
+                     "-s", str(script), base, "--", str(requests)],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                 )
