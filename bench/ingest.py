@@ -122,6 +122,21 @@ NOTES = """## Reading these figures
   claim's waiting-jobs index); the plain jobs index on `ordering_key` was dropped for that
   reason (6.9 -> 5.6 pages). On the HTTP side, uvicorn's protocol and the socket writes that
   wake the client are about half of the server's CPU per request.
+- Load generator: one wrk thread, which sends over 70k requests/s here (12.9 us of CPU per
+  request). With two threads, wrk ran the second thread's Lua `init` (loading 150k requests,
+  ~2.4 s) after the first thread had started sending: the first thread had the server to itself
+  for seconds, counted in the run, while the loading took a core. The ceiling read 26.9k req/s
+  that way, and 22.4k once the load started for all connections at once. Requests are now
+  formatted before the run, so loading costs ~8 us each and happens before the clock starts.
+- Where a new event's CPU goes (SQLite, 2 processes, 32 connections; measured by taking stages
+  out of a running server, 2026-11-26): verify + parse + log + answer over uvicorn ~105 us
+  (the bare route 45; the JSON parse of a 4 KB body ~18, the signature ~11, the log line ~14);
+  the hand-off to the writer thread and back ~20-40 us; the writer's SQLite work ~75-100 us
+  (about a third of it the kernel copying WAL and database pages); the checkpointer ~22 us.
+- Tried and not kept: one writer for all server processes (the `serve` parent committing what
+  the processes hand over on Unix sockets): batches did not grow (32 connections, a closed
+  loop) and the writer's CPU per event stayed the same, 4.1-4.6k against 4.7-4.8k req/s in
+  interleaved runs. A GIL switch interval of 2 or 5 ms instead of 0.5: within noise.
 - Server processes: 2 on both databases. On SQLite the ingest writers of the processes take
   turns at the write lock through an `flock` beside the database (every SQLite write
   transaction does, workers' too). Until 2026-11-26 morning 2 processes answered no more than
@@ -603,12 +618,13 @@ def write_results(result: dict[str, Any], command: str) -> None:
         f"- machine: {_machine()}; load average before the run: {load}",
         f"- command: `{command}`",
         f"- load generator: {result['client']}"
-        + (" (wrk 4.1, pre-signed unique events fed by a Lua script)"
+        + (" (wrk 4.1, one thread; pre-signed, pre-formatted requests its Lua script loads "
+           "before the clock starts)"
            if result["client"] == "wrk"
            else " (asyncio httpx client: client-bound, the ceiling is the client's)"),
         f"- billhook: `billhook serve --processes N`, N = {result['server_processes']}; each "
-        "delivery a "
-        "unique ~2 KB `invoice.paid` event, signed `Stripe-Signature`; billhook verifies it, "
+        "delivery a unique ~4 KB `invoice.paid` event (a real Stripe payload), signed "
+        "`Stripe-Signature`; billhook verifies it, "
         "commits event + delivery + job (group commit), logs one JSON line, answers.",
         "",
         result["table"],
