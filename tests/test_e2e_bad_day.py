@@ -23,11 +23,11 @@ import httpx
 import pytest
 import sqlalchemy as sa
 import stripe
-from aiosmtpd.controller import Controller
 
 from billhook.store.engine import create_engine
 from billhook.store.schema import effects, event_outcomes, events, events_with_outcomes, invoices
-from live_server import free_port, running_process
+from live_server import running_process
+from smtp_servers import running_smtp
 
 SECRET = "whsec_bad_day_secret"
 INVOICE = "in_badday0001"
@@ -47,13 +47,10 @@ class _Inbox:
 
 
 @pytest.fixture
-def inbox() -> Iterator[tuple[_Inbox, int]]:
+def inbox() -> Iterator[tuple[_Inbox, str]]:
     handler = _Inbox()
-    port = free_port()
-    controller = Controller(handler, hostname="127.0.0.1", port=port)
-    controller.start()
-    yield handler, port
-    controller.stop()
+    with running_smtp(handler) as smtp_url:
+        yield handler, smtp_url
 
 
 def _event(fixtures_dir: Path, name: str, event_id: str, created: int, **obj: Any) -> bytes:
@@ -83,13 +80,13 @@ def _wait(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> No
 
 
 def test_the_classic_bad_day(
-    database_url: str, fixtures_dir: Path, tmp_path: Path, inbox: tuple[_Inbox, int]
+    database_url: str, fixtures_dir: Path, tmp_path: Path, inbox: tuple[_Inbox, str]
 ) -> None:
-    mailbox, smtp_port = inbox
+    mailbox, smtp_url = inbox
     env = {
         "BILLHOOK_DATABASE_URL": database_url,
         "BILLHOOK_STRIPE_WEBHOOK_SECRETS": SECRET,
-        "BILLHOOK_SMTP_URL": f"smtp://127.0.0.1:{smtp_port}",
+        "BILLHOOK_SMTP_URL": smtp_url,
         "BILLHOOK_DATA_DIR": str(tmp_path / "data"),
         "BILLHOOK_WORKERS": "2",
         "BILLHOOK_RETRY_BASE_SECONDS": "0.05",

@@ -51,6 +51,30 @@ class Intent:
     }
 
 
+def crash_settings(database_url: str, smtp_url: str, tmp_path: Path, **overrides: Any) -> Settings:
+    return Settings(
+        database_url=database_url,
+        smtp_url=smtp_url,
+        data_dir=str(tmp_path),
+        lease_seconds=LEASE_SECONDS,
+        **overrides,
+    )
+
+
+def enqueue(engine: Engine, settings: Settings, intents: dict[str, Any]) -> None:
+    """Each intent's effect, for the invoice it is keyed by, in one transaction."""
+    with transaction(engine) as connection:
+        for invoice_id, intent in intents.items():
+            enqueue_effects(
+                connection,
+                [intent],
+                invoice_id=invoice_id,
+                event_pk=None,
+                now=time.time(),
+                settings=settings,
+            )
+
+
 class KillOnFirstData(SmtpHandler):
     """Accepts every message; on the n-th, SIGKILLs the dispatcher before answering 250. Offers
     PIPELINING if asked, and notes what the client had already sent behind each content."""
@@ -101,21 +125,8 @@ def test_sigkill_between_hand_over_and_record_resends_under_the_same_message_id(
     engine = create_engine(database_url)
     handler = KillOnFirstData()
     with running_smtp(handler) as smtp_url:
-        settings = Settings(
-            database_url=database_url,
-            smtp_url=smtp_url,
-            data_dir=str(tmp_path),
-            lease_seconds=LEASE_SECONDS,
-        )
-        with transaction(engine) as connection:
-            enqueue_effects(
-                connection,
-                [Intent()],
-                invoice_id="in_crash",
-                event_pk=None,
-                now=time.time(),
-                settings=settings,
-            )
+        settings = crash_settings(database_url, smtp_url, tmp_path)
+        enqueue(engine, settings, {"in_crash": Intent()})
 
         victim = kill_dispatcher_mid_send(database_url, settings, handler)
         assert victim.stdout is not None and b"recorded" not in victim.stdout.read()
@@ -170,22 +181,8 @@ def test_a_lease_lost_on_the_last_attempt_is_dead_not_looped(
     engine = create_engine(sqlite_url)
     handler = KillOnFirstData()
     with running_smtp(handler) as smtp_url:
-        settings = Settings(
-            database_url=sqlite_url,
-            smtp_url=smtp_url,
-            data_dir=str(tmp_path),
-            max_attempts=1,
-            lease_seconds=LEASE_SECONDS,
-        )
-        with transaction(engine) as connection:
-            enqueue_effects(
-                connection,
-                [Intent()],
-                invoice_id="in_crash",
-                event_pk=None,
-                now=time.time(),
-                settings=settings,
-            )
+        settings = crash_settings(sqlite_url, smtp_url, tmp_path, max_attempts=1)
+        enqueue(engine, settings, {"in_crash": Intent()})
         victim = kill_dispatcher_mid_send(sqlite_url, settings, handler)
         assert victim.stdout is not None
         victim.stdout.close()
@@ -216,22 +213,8 @@ def _three_receipts_and_a_kill(
     engine = create_engine(sqlite_url)
     handler = KillOnFirstData(kill_on=kill_on, pipelining=pipelining)
     with running_smtp(handler) as smtp_url:
-        settings = Settings(
-            database_url=sqlite_url,
-            smtp_url=smtp_url,
-            data_dir=str(tmp_path),
-            lease_seconds=LEASE_SECONDS,
-        )
-        with transaction(engine) as connection:
-            for invoice_id in ("in_a", "in_b", "in_c"):
-                enqueue_effects(
-                    connection,
-                    [receipt(invoice_id)],
-                    invoice_id=invoice_id,
-                    event_pk=None,
-                    now=time.time(),
-                    settings=settings,
-                )
+        settings = crash_settings(sqlite_url, smtp_url, tmp_path)
+        enqueue(engine, settings, {i: receipt(i) for i in ("in_a", "in_b", "in_c")})
         victim = kill_dispatcher_mid_send(sqlite_url, settings, handler, batch_size)
         assert victim.stdout is not None
         victim.stdout.close()
