@@ -82,6 +82,8 @@ ROOT = Path(__file__).resolve().parent
 # in the kernel, `billhook.store.write_turns`) while both answer HTTP.
 DEFAULT_PROCESSES = {"sqlite": 2, "postgres": 2}
 SECTION = "# Ingest benchmark"
+CEILING = "bare Starlette (ceiling)"
+CEILING_AGAIN = "bare Starlette (ceiling), again at the end"
 
 NOTES = """## Reading these figures
 
@@ -518,7 +520,7 @@ def run_ingest_bench(
         bare = _Server("bare", "", str(workdir))
         try:
             results += _measure(
-                "bare Starlette (ceiling)", bare, None, client, duration, workdir, connections
+                CEILING, bare, None, client, duration, workdir, connections
             )
         finally:
             bare.stop()
@@ -552,6 +554,14 @@ def run_ingest_bench(
             finally:
                 if pg_db is not None:
                     pg_db.drop()
+        # The machine's speed drifts (a shared host): in one run the ceiling's CPU per request
+        # was 77 us at the start against 45 an hour earlier. It is measured again at the end,
+        # and the ratios use the faster of the two, never a slow moment of the baseline.
+        bare = _Server("bare", "", str(workdir))
+        try:
+            results += _measure(CEILING_AGAIN, bare, None, client, duration, workdir, (32,))
+        finally:
+            bare.stop()
     results += duplicates.values()
     return _summary(results, duplicates, per_database, client, load, started, profile_lines)
 
@@ -573,7 +583,8 @@ def _summary(
         )
 
     out: dict[str, Any] = {}
-    ceiling = at32("bare Starlette (ceiling)")
+    ceilings = [r for r in (at32(CEILING), at32(CEILING_AGAIN)) if r is not None]
+    ceiling = max(ceilings, key=lambda r: r.requests_per_s, default=None)
     out["ceiling_rps"] = round(ceiling.requests_per_s) if ceiling else None
     costs, times = [], []
     for key, label in (("sqlite", "SQLite"), ("postgres", "PostgreSQL")):
