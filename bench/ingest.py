@@ -65,6 +65,7 @@ import sqlalchemy as sa
 from bench._common import (
     postgres_cpu_seconds,
     tree_cpu_seconds,
+    wait_until_quiet,
     write_wrk_requests,
     wrk_script,
 )
@@ -333,6 +334,7 @@ def _measure(
             # is empty, and the writer's cached generic plan then hash-joins a full scan of
             # the growing table on every batch until the next autoanalyze.
             _settle_database(database_url)
+        wait_until_quiet()
         # Enough unique events for the fastest plausible rate; beyond that they repeat (duplicates).
         requests = _signed_requests(int(duration * (3000 if count == 1 else 25000)))
         path = workdir / f"{name.replace(' ', '_').replace(',', '')}-{count}.txt"
@@ -363,6 +365,7 @@ def _measure_duplicates(
     finally:
         engine.dispose()
     _settle_database(database_url)
+    wait_until_quiet()
     path = workdir / f"dup-{uuid.uuid4().hex[:6]}.txt"
     cpu_before = _cpu(server, database_url)
     rps, p50, p99, errors, elapsed = _load(client, server.url, 32, duration, requests, path)

@@ -43,6 +43,7 @@ from bench._common import (
     processes,
     say,
     wait_for,
+    wait_until_quiet,
     write_wrk_requests,
     wrk_script,
 )
@@ -128,6 +129,7 @@ def run(
                 base = f"http://127.0.0.1:{port}"
                 wait_for(lambda: _ready(base), 60, "billhook serve")
                 time.sleep(1.0)  # workers import and connect; idle start-up is not measured
+                wait_until_quiet()  # nor what the previous phase left running (PostgreSQL)
                 started = time.time()
                 sink_pid = getattr(sink, "pid", None)
                 cpu_before = _cpu(children), resource.getrusage(resource.RUSAGE_SELF)
