@@ -21,6 +21,7 @@ from billhook.queue.claims import claim_in, complete_many_in
 from billhook.queue.completer import GroupCompleter
 from billhook.queue.inflight import InFlight
 from billhook.queue.jobs import Job
+from billhook.store.planner_statistics import PlannerStatistics
 
 _log = get_logger(__name__)
 
@@ -61,6 +62,8 @@ class Fetcher:
         self._stopping = stopping
         self._finished = threading.Event()
         self._connection: Connection | None = None
+        # Claims walk a few jobs only while PostgreSQL knows how many wait (see the module).
+        self._statistics = PlannerStatistics()
 
     def finish(self) -> None:
         """Record what is left to complete, then end `run` (called by the worker's `join`)."""
@@ -107,6 +110,8 @@ class Fetcher:
             if self._connection is None:
                 self._connection = self._engine.connect()
             connection = self._connection
+            if limit:
+                self._statistics.refresh(connection)
             try:
                 with connection.begin():
                     completed = complete_many_in(connection, done, now=now)
