@@ -46,7 +46,6 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -63,6 +62,9 @@ import orjson
 import sqlalchemy as sa
 
 from bench._common import (
+    PG_ADMIN_URL,
+    STRIPE_SECRET,
+    free_port,
     postgres_cpu_seconds,
     tree_cpu_seconds,
     wait_until_quiet,
@@ -72,11 +74,7 @@ from bench._common import (
 from billhook.sources import stripe
 from billhook.sources.templates import build_event
 
-SECRET = "whsec_bench_secret"
 CONNECTIONS = (1, 32)
-PG_ADMIN_URL = os.environ.get(
-    "BILLHOOK_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
-)
 ROOT = Path(__file__).resolve().parent
 # Server processes per database, measured (bench/RESULTS.md): two processes on two cores answer
 # more than one on both. On SQLite their writers take turns at the one write lock (turns queued
@@ -186,17 +184,11 @@ def _serve_bare(port: int) -> None:
     build_server(settings, app).run()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class _Server:
     """`bare` (the ceiling) or the real `billhook serve` command, in its own process group."""
 
     def __init__(self, kind: str, database_url: str, data_dir: str, processes: int = 1) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         if kind == "bare":
             command = [sys.executable, "-m", "bench.ingest", "serve-bare", str(self.port)]
@@ -206,7 +198,7 @@ class _Server:
         env = {
             **os.environ,
             "BILLHOOK_DATABASE_URL": database_url or "sqlite:///unused.db",
-            "BILLHOOK_STRIPE_WEBHOOK_SECRETS": SECRET,
+            "BILLHOOK_STRIPE_WEBHOOK_SECRETS": STRIPE_SECRET,
             "BILLHOOK_STANDARD_WEBHOOK_SECRETS": "whsec_QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFB",
             "BILLHOOK_DATA_DIR": data_dir,
             "BILLHOOK_HOST": "127.0.0.1",
@@ -253,7 +245,7 @@ def _signed_requests(count: int) -> list[tuple[str, bytes]]:
         template["id"] = f"evt_{uuid.uuid4().hex}"
         template["data"]["object"]["id"] = f"in_{uuid.uuid4().hex[:24]}"
         body = orjson.dumps(template)
-        out.append((stripe.sign(body, SECRET, now), body))
+        out.append((stripe.sign(body, STRIPE_SECRET, now), body))
     return out
 
 
@@ -337,17 +329,27 @@ def _measure(
             # is empty, and the writer's cached generic plan then hash-joins a full scan of
             # the growing table on every batch until the next autoanalyze.
             _settle_database(database_url)
-        wait_until_quiet()
         # Enough unique events for the fastest plausible rate; beyond that they repeat (duplicates).
         requests = _signed_requests(int(duration * (3000 if count == 1 else 25000)))
         path = workdir / f"{name.replace(' ', '_').replace(',', '')}-{count}.txt"
-        cpu_before = _cpu(server, database_url)
-        rps, p50, p99, errors, elapsed = _load(client, server.url, count, duration, requests, path)
-        cpu = _per_request(_cpu(server, database_url) - cpu_before, rps * elapsed)
+        rps, p50, p99, errors, elapsed, cpu = _measured_load(
+            server, database_url, client, count, duration, requests, path
+        )
         accepted = (_stored_events(database_url) - before) / elapsed if database_url else None
         results.append(Result(name, count, rps, accepted, p50, p99, errors, cpu))
         print(_row(results[-1]), flush=True)
     return results
+
+
+def _measure_ceiling(
+    name: str, client: str, duration: float, workdir: Path, connections: tuple[int, ...]
+) -> list[Result]:
+    """The bare route, started for these measurements only."""
+    bare = _Server("bare", "", str(workdir))
+    try:
+        return _measure(name, bare, None, client, duration, workdir, connections)
+    finally:
+        bare.stop()
 
 
 def _measure_duplicates(
@@ -368,14 +370,26 @@ def _measure_duplicates(
     finally:
         engine.dispose()
     _settle_database(database_url)
-    wait_until_quiet()
     path = workdir / f"dup-{uuid.uuid4().hex[:6]}.txt"
-    cpu_before = _cpu(server, database_url)
-    rps, p50, p99, errors, elapsed = _load(client, server.url, 32, duration, requests, path)
-    cpu = _per_request(_cpu(server, database_url) - cpu_before, rps * elapsed)
+    rps, p50, p99, errors, _elapsed, cpu = _measured_load(
+        server, database_url, client, 32, duration, requests, path
+    )
     result = Result(f"{name}, duplicates", 32, rps, 0.0, p50, p99, errors, cpu)
     print(_row(result), flush=True)
     return result
+
+
+def _measured_load(
+    server: _Server, database_url: str | None, client: str, connections: int, duration: float,
+    requests: list[tuple[str, bytes]], path: Path,
+) -> tuple[float, float, float, int, float, float | None]:
+    """`_load` from a quiet machine; also returns CPU us per answered request (`_cpu`)."""
+    wait_until_quiet()
+    cpu_before = _cpu(server, database_url)
+    rps, p50, p99, errors, elapsed = _load(client, server.url, connections, duration, requests,
+                                          path)
+    cpu = _per_request(_cpu(server, database_url) - cpu_before, rps * elapsed)
+    return rps, p50, p99, errors, elapsed, cpu
 
 
 def _cpu(server: _Server, database_url: str | None) -> float:
@@ -523,13 +537,7 @@ def run_ingest_bench(
     print(TABLE_HEADER, flush=True)
     with tempfile.TemporaryDirectory(prefix="billhook-bench-") as tmp:
         workdir = Path(tmp)
-        bare = _Server("bare", "", str(workdir))
-        try:
-            results += _measure(
-                CEILING, bare, None, client, duration, workdir, connections
-            )
-        finally:
-            bare.stop()
+        results += _measure_ceiling(CEILING, client, duration, workdir, connections)
         databases: list[tuple[str, str, _PostgresDatabase | None]] = [
             ("sqlite", f"sqlite:///{workdir / 'bench.db'}", None)
         ]
@@ -563,11 +571,7 @@ def run_ingest_bench(
         # The machine's speed drifts (a shared host): in one run the ceiling's CPU per request
         # was 77 us at the start against 45 an hour earlier. It is measured again at the end,
         # and the ratios use the faster of the two, never a slow moment of the baseline.
-        bare = _Server("bare", "", str(workdir))
-        try:
-            results += _measure(CEILING_AGAIN, bare, None, client, duration, workdir, (32,))
-        finally:
-            bare.stop()
+        results += _measure_ceiling(CEILING_AGAIN, client, duration, workdir, (32,))
     results += duplicates.values()
     return _summary(results, duplicates, per_database, client, load, started, profile_lines)
 
