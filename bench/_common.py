@@ -32,9 +32,9 @@ STRIPE_SECRET = "whsec_bench_secret"
 _INVOICE = re.compile(rb"in_[0-9a-f]{24}")
 
 
-def say(*parts: object) -> None:
+def say(*parts: object, sep: str = " ") -> None:
     """Progress goes to stderr, so `--json` keeps stdout for the one JSON object."""
-    print(*parts, file=sys.stderr, flush=True)
+    print(*parts, sep=sep, file=sys.stderr, flush=True)
 
 
 def free_port() -> int:
