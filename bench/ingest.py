@@ -319,8 +319,9 @@ def _stored_events(database_url: str) -> int:
 
 def _measure(
     name: str, server: _Server, database_url: str | None, client: str, duration: float,
-    workdir: Path, connections: tuple[int, ...],
+    workdir: Path, connections: tuple[int, ...], profile_to: Path | None = None,
 ) -> list[Result]:
+    """With `profile_to`, py-spy records the server during the first connection count's load."""
     results = []
     for count in connections:
         before = _stored_events(database_url) if database_url else 0
@@ -333,7 +334,8 @@ def _measure(
         requests = _signed_requests(int(duration * (3000 if count == 1 else 25000)))
         path = workdir / f"{name.replace(' ', '_').replace(',', '')}-{count}.txt"
         rps, p50, p99, errors, elapsed, cpu = _measured_load(
-            server, database_url, client, count, duration, requests, path
+            server, database_url, client, count, duration, requests, path,
+            profile_to=profile_to if count == connections[0] else None,
         )
         accepted = (_stored_events(database_url) - before) / elapsed if database_url else None
         results.append(Result(name, count, rps, accepted, p50, p99, errors, cpu))
@@ -381,14 +383,24 @@ def _measure_duplicates(
 
 def _measured_load(
     server: _Server, database_url: str | None, client: str, connections: int, duration: float,
-    requests: list[tuple[str, bytes]], path: Path,
+    requests: list[tuple[str, bytes]], path: Path, *, profile_to: Path | None = None,
 ) -> tuple[float, float, float, int, float, float | None]:
-    """`_load` from a quiet machine; also returns CPU us per answered request (`_cpu`)."""
+    """`_load` from a quiet machine; also returns CPU us per answered request (`_cpu`).
+
+    With `profile_to`, py-spy samples the server for the load's duration, started only now: the
+    requests are signed and the machine quiet by then (started with the server, its window
+    showed a process importing its modules). Its sampling slows the server: a profiled
+    measurement's figures are not comparable with the others."""
     wait_until_quiet()
+    # A few seconds more: wrk loads its requests before its clock starts (idle samples are
+    # not recorded).
+    spy = _profile_start(server.process.pid, duration + 3, profile_to) if profile_to else None
     cpu_before = _cpu(server, database_url)
     rps, p50, p99, errors, elapsed = _load(client, server.url, connections, duration, requests,
                                           path)
     cpu = _per_request(_cpu(server, database_url) - cpu_before, rps * elapsed)
+    if spy is not None:
+        spy.wait()
     return rps, p50, p99, errors, elapsed, cpu
 
 
@@ -550,16 +562,13 @@ def run_ingest_bench(
                 _migrate(url)
                 server = _Server("billhook", url, str(workdir), per_database[key])
                 try:
-                    spy = None
-                    if profile and key == "sqlite":
-                        spy = _profile_start(server.process.pid, duration, workdir / "spy.txt")
+                    spy_file = workdir / "spy.txt" if profile and key == "sqlite" else None
                     results += _measure(
-                        name, server, url, client, duration, workdir, tuple(sorted(connections,
-                                                                                   reverse=True))
+                        name, server, url, client, duration, workdir,
+                        tuple(sorted(connections, reverse=True)), profile_to=spy_file,
                     )
-                    if spy is not None:
-                        spy.wait()
-                        profile_lines = _profile_top(workdir / "spy.txt")
+                    if spy_file is not None:
+                        profile_lines = _profile_top(spy_file)
                     duplicates[key] = _measure_duplicates(
                         name, server, url, client, duration, workdir
                     )
