@@ -134,6 +134,26 @@ NOTES = """## Reading these figures
   (the bare route 45; the JSON parse of a 4 KB body ~18, the signature ~11, the log line ~14);
   the hand-off to the writer thread and back ~20-40 us; the writer's SQLite work ~75-100 us
   (about a third of it the kernel copying WAL and database pages); the checkpointer ~22 us.
+- The same by library: `perf record -e cpu-clock` of both server processes under that load
+  (2026-11-26, 3,272 samples): the Python interpreter 43% and the C library under it (malloc,
+  memmove, locks) 11%; the kernel's file I/O (WAL writes, checkpoint copies, page reads) 17%;
+  SQLite itself 11%; loopback TCP and epoll 4%; orjson 4%; uvloop 2%; OpenSSL (HMAC) 2%;
+  httptools 1%. Half of a new event's CPU is Python (uvicorn's protocol, the handler, the
+  writer's glue: ~0.1 ms on the loop thread, ~0.03 ms on the writer), against ~0.045 ms for
+  the whole bare route. 50% of the ceiling on two cores, with wrk beside, allows about 0.165 ms
+  per event: with SQLite and its file I/O free, the rest would still use ~0.17.
+- Measured on 2026-11-26 and not kept: SQLite `mmap_size` (256 MB; pipeline 1,381 / 1,320
+  events/s against 1,621 / 1,510 without, interleaved); the writer's transactions on the event
+  loop thread instead of a thread of their own (same CPU per request, 260 against 247-266 us);
+  granian as the HTTP server (the bare route cost 80-83 us per request on it, 48 on uvicorn);
+  checkpoints every 200 ms instead of 25 (6.2k against 5.0k req/s in two pairs, but p99 32-36
+  ms against 19).
+- SQLite p99 and checkpoints: with no checkpoint during a run p99 was 10.9 ms (p50 5.6) against
+  17-21 ms with them, and the checkpointer's connection at `synchronous=OFF` (an experiment
+  only) left p99 at 25 ms: the tail comes from the checkpoints' CPU bursts (copying ~3 MB of
+  pages every 25 ms on a busy 2-core machine), not their fsyncs. On this disk `fdatasync` of
+  300 KB takes 0.14 ms at p50 and 0.8 ms at p99, and 1.1 ms at p99 with another file's 2 MB
+  fsync every 25 ms.
 - Tried and not kept: one writer for all server processes (the `serve` parent committing what
   the processes hand over on Unix sockets): batches did not grow (32 connections, a closed
   loop) and the writer's CPU per event stayed the same, 4.1-4.6k against 4.7-4.8k req/s in
