@@ -19,6 +19,7 @@ import datetime as dt
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -133,9 +134,11 @@ def _run_sections(
     failures: dict[str, str] = {}
     for name in names:
         say(f"== {name}")
+        started = time.monotonic()
         try:
             with contextlib.redirect_stdout(sys.stderr):  # stdout is for the JSON object
                 result = SECTIONS[name](quick)
+            say(f"== {name}: {time.monotonic() - started:.0f} s")
         except Exception as exc:
             say(f"{name} failed: {type(exc).__name__}: {exc}")
             failures[name] = f"{type(exc).__name__}: {exc}"
