@@ -105,11 +105,14 @@ NOTES = """## Reading these figures
   instead of ~0.5 (about 2-3% of commits in an instrumented run, p99 of commit time 11 ms), each
   delaying the one or two batches behind it. Garbage collection was ruled out (no collection
   over 2 ms while serving: the heap is frozen after start-up).
-- Every measured phase but the first (on a fresh database) starts from a settled database
-  (VACUUM ANALYZE on PostgreSQL, a WAL checkpoint on SQLite), so no phase pays for the vacuum
-  or checkpoint that the previous one's rows call for. The duplicates phase runs last; before
-  this, on PostgreSQL it measured 0.4-0.8x the rate of new events, although the EventWriter
-  alone stores duplicates 1.5-3x faster than new events.
+- Every measured phase starts from a settled database, so no phase pays for the vacuum or
+  checkpoint that the previous one's rows call for: a checkpoint (PostgreSQL's CHECKPOINT,
+  SQLite's WAL checkpoint), after VACUUM ANALYZE on PostgreSQL except on the fresh database of
+  the first phase. The duplicates phase runs last; before this, on PostgreSQL it measured
+  0.4-0.8x the rate of new events, although the EventWriter alone stores duplicates 1.5-3x
+  faster than new events. Without the CHECKPOINT (added 2026-11-26), PostgreSQL's duplicates
+  cost 0.97x a new event in one quick run (348 against 357 us), the spread checkpoint of the
+  previous phase's pages counted in theirs; with it, 0.87x and 0.77x in the next two.
 - duplicates: every delivery re-sends an event already stored (200 `duplicate`, delivery row,
   nothing enqueued, the event row untouched: delivery count and last-seen time are read from
   `deliveries`); `duplicate cost` = CPU per duplicate / CPU per new event (server processes
@@ -345,11 +348,12 @@ def _measure(
     results = []
     for count in connections:
         before = _stored_events(database_url) if database_url else 0
-        if database_url and before:
-            # Not a fresh one: ANALYZE of an empty events table tells PostgreSQL's planner it
-            # is empty, and the writer's cached generic plan then hash-joins a full scan of
-            # the growing table on every batch until the next autoanalyze.
-            _settle_database(database_url)
+        if database_url:
+            # A fresh database is not analyzed: ANALYZE of an empty events table tells
+            # PostgreSQL's planner it is empty, and the writer's cached generic plan then
+            # hash-joins a full scan of the growing table on every batch until the next
+            # autoanalyze.
+            _settle_database(database_url, analyze=bool(before))
         # Enough unique events for the fastest plausible rate; beyond that they repeat (duplicates).
         requests = _signed_requests(int(duration * (3000 if count == 1 else 25000)))
         path = workdir / f"{name.replace(' ', '_').replace(',', '')}-{count}.txt"
@@ -473,17 +477,22 @@ def _machine() -> str:
     )
 
 
-def _settle_database(url: str) -> None:
+def _settle_database(url: str, *, analyze: bool = True) -> None:
     """Start each measured phase from a settled database, so no phase pays for the last one's
     leftovers: on PostgreSQL the autovacuum and analyze that tens of thousands of fresh rows
-    call for, on SQLite a WAL not yet copied back."""
+    call for, and the checkpoint that writes out the pages they (and the vacuum) dirtied; on
+    SQLite a WAL not yet copied back."""
     from billhook.store.engine import create_engine
 
     engine = create_engine(url, poolclass=sa.pool.NullPool)
     try:
         if engine.dialect.name == "postgresql":
             with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-                connection.exec_driver_sql("VACUUM ANALYZE")
+                if analyze:
+                    connection.exec_driver_sql("VACUUM ANALYZE")
+                # A spread checkpoint started by the last phase's WAL would otherwise run during
+                # the next one, its CPU counted there (every postgres process is).
+                connection.exec_driver_sql("CHECKPOINT")
         else:
             raw = engine.raw_connection()  # outside any transaction: a checkpoint cannot be in one
             try:
