@@ -110,9 +110,9 @@ NOTES = """## Reading these figures
   SQLite's WAL checkpoint), after VACUUM ANALYZE on PostgreSQL except on the fresh database of
   the first phase. The duplicates phase runs last; before this, on PostgreSQL it measured
   0.4-0.8x the rate of new events, although the EventWriter alone stores duplicates 1.5-3x
-  faster than new events. Without the CHECKPOINT (added 2026-11-26), PostgreSQL's duplicates
-  cost 0.97x a new event in one quick run (348 against 357 us), the spread checkpoint of the
-  previous phase's pages counted in theirs; with it, 0.87x and 0.77x in the next two.
+  faster than new events. The CHECKPOINT was added on 2026-11-26 after a quick run where
+  PostgreSQL's duplicates cost 0.97x a new event (348 against 357 us); the next two, with it,
+  gave 0.87x and 0.77x. Too few runs to name the cause; it keeps every phase's start alike.
 - duplicates: every delivery re-sends an event already stored (200 `duplicate`, delivery row,
   nothing enqueued, the event row untouched: delivery count and last-seen time are read from
   `deliveries`); `duplicate cost` = CPU per duplicate / CPU per new event (server processes
