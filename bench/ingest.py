@@ -150,7 +150,9 @@ NOTES = """## Reading these figures
   loop thread instead of a thread of their own (same CPU per request, 260 against 247-266 us);
   granian as the HTTP server (the bare route cost 80-83 us per request on it, 48 on uvicorn);
   checkpoints every 200 ms instead of 25 (6.2k against 5.0k req/s in two pairs, but p99 32-36
-  ms against 19).
+  ms against 19); every 8 ms (p99 12.5-14.2 ms against 17-19.5 in five pairs, but the
+  checkpointers' CPU per request 35-38 us against 22-24: about 5% more in all, when the
+  pipeline is bound by CPU); every 4 ms (as 8).
 - SQLite p99 and checkpoints: with no checkpoint during a run p99 was 10.9 ms (p50 5.6) against
   17-21 ms with them, and the checkpointer's connection at `synchronous=OFF` (an experiment
   only) left p99 at 25 ms: the tail comes from the checkpoints' CPU bursts (copying ~3 MB of
