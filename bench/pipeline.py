@@ -202,8 +202,9 @@ def _cpu(children: list[subprocess.Popen[bytes]]) -> list[float]:
 
 
 def _wait_stored(engine: sa.engine.Engine, events: int) -> tuple[int, float]:
-    """Until every event is stored, or none more arrive for 3 s (wrk may skip one per thread);
-    returns how many were stored and when the last one was seen."""
+    """Until every event is stored, or none more arrive for 3 s (a delivery lost on the way:
+    the report then shows fewer events than sent); returns how many were stored and when the
+    last one was seen."""
     last, changed = -1, time.monotonic()
     deadline = changed + 300
     while time.monotonic() < deadline:
