@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +34,7 @@ from billhook.store.schema import (
     invoices,
     jobs,
 )
+from billhook.store.schema import settings as settings_table
 
 
 @pytest.fixture
@@ -165,6 +167,50 @@ def test_reprocessing_an_event_changes_nothing(engine: Engine, processor: Proces
         row = connection.execute(sa.select(jobs)).mappings().one()
     processor(engine, Job.from_row(row))  # what a crash after commit, or a replay, does
     assert (invoice_row(engine), effect_keys(engine), stories(engine)) == before
+
+
+def test_events_are_read_and_parsed_while_another_writer_holds_the_database(
+    engine: Engine, processor: Processor
+) -> None:
+    """`prepare` reads and parses a batch's events outside any write transaction: it does not
+    wait for a writer that holds the database (on SQLite, the one write lock, which a worker's
+    batch now holds for its writes alone), and the prepared batch applies them afterwards."""
+    deliver(engine, "standard", canonical("e2", "invoice.paid", BASE, **PAID))
+    (job,) = claim(engine, worker_id="t", now=time.time(), lease_seconds=30, limit=10)
+    holding, release = threading.Event(), threading.Event()
+
+    def hold_the_database() -> None:
+        with transaction(engine) as connection:
+            connection.execute(
+                sa.insert(settings_table).values(key="held", value="yes", updated_at=time.time())
+            )
+            holding.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold_the_database)
+    holder.start()
+    try:
+        assert holding.wait(5)
+        if engine.dialect.name == "sqlite":
+            # The lock is really held: another write transaction waits for it.
+            began = threading.Event()
+
+            def begin_writing() -> None:
+                with transaction(engine):
+                    began.set()
+
+            threading.Thread(target=begin_writing, daemon=True).start()
+            assert not began.wait(0.3)
+        started = time.monotonic()
+        prepared = processor.prepare(engine, [job])
+        assert time.monotonic() - started < 2
+    finally:
+        release.set()
+        holder.join()
+    with transaction(engine) as connection:
+        assert prepared.run(connection) == {}
+    row = invoice_row(engine)
+    assert (row.status, row.amount_paid) == ("paid", PAID["amount_paid"])
 
 
 def test_unknown_types_are_ignored(engine: Engine, processor: Processor) -> None:

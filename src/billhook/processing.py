@@ -1,9 +1,10 @@
-"""Processing stored events: read them, parse them, apply them, mark them, in one transaction.
+"""Processing stored events: read and parse them, then apply and mark them in one transaction.
 
 The `process_event` job handler. For one job, or for a batch the worker claimed together, it
-reads the raw bodies in one statement, parses each into the canonical event, hands the parsed
-events to `billhook.applying` (resolve the invoice, apply the pure model, write invoice under a
-version check + transitions + outbox rows) and marks each event processed or ignored.
+reads the raw bodies in one statement and parses each into the canonical event (`prepare`,
+before the write transaction: stored events never change), then, in one transaction, hands the
+parsed events to `billhook.applying` (resolve the invoice, apply the pure model, write invoice
+under a version check + transitions + outbox rows) and marks each event processed or ignored.
 
 It is safe to run any number of times for the same event: the model is idempotent (applying an
 event twice changes nothing the second time) and the outbox refuses a key it already holds. That
@@ -28,7 +29,7 @@ from billhook.billing import BillingEvent, UnprocessableEvent, parse_event
 from billhook.config import Settings, load_settings
 from billhook.errors import NotFound
 from billhook.queue.jobs import Job
-from billhook.store.engine import among_per_dialect, transaction
+from billhook.store.engine import among_per_dialect, reading, transaction
 from billhook.store.events import mark_outcomes
 from billhook.store.invoices import invoice_for_charge
 from billhook.store.schema import events, invoices
@@ -50,10 +51,11 @@ class Processor:
     def __call__(self, engine: Engine, job: Job) -> None:
         if job.event_pk is None:
             return
-        # The event is read inside the processing transaction: one connection and one
-        # BEGIN per event instead of two.
+        prepared = self.prepare(engine, [job])
         with transaction(engine) as connection:
-            self.run_in(connection, job)
+            failure = prepared.run(connection).get(job.id)
+            if failure is not None:
+                raise failure
 
     def run_in(self, connection: Connection, job: Job) -> None:
         """Process `job`'s event inside the caller's transaction."""
@@ -61,12 +63,17 @@ class Processor:
         if failure is not None:
             raise failure
 
-    def run_many(self, connection: Connection, jobs: Sequence[Job]) -> dict[int, Exception]:
-        """Process the events of `jobs`, in order, inside the caller's transaction.
+    def prepare(self, engine: Engine, jobs: Sequence[Job]) -> PreparedEvents:
+        """Read and parse the events of `jobs` before the transaction that applies them.
 
-        Returns the jobs whose event the model refused (nothing of theirs is written); raises,
-        having written part of the batch, when the database refuses: roll back then."""
-        now = self.clock()
+        Stored events are never rewritten, so this reads what that transaction would; parsing
+        them (the JSON and the model's parse: a fifth of a batch's time) then holds neither
+        SQLite's one write lock nor PostgreSQL's invoice row locks."""
+        with reading(engine) as connection:
+            return self.prepare_in(connection, jobs)
+
+    def prepare_in(self, connection: Connection, jobs: Sequence[Job]) -> PreparedEvents:
+        """`prepare` on the caller's connection (inside its transaction)."""
         wanted = [job.event_pk for job in jobs if job.event_pk is not None]
         rows = {
             row.id: (row.source, bytes(row.body))
@@ -74,38 +81,24 @@ class Processor:
                 _LOAD_EVENTS[connection.dialect.name == "postgresql"], {"ids": wanted}
             )
         }
-        failures: dict[int, Exception] = {}
-        batch: list[Arrived] = []
-        owners: list[Job] = []
-        processed: list[int] = []
-        ignored: list[int] = []
+        parsed: dict[int, tuple[str, BillingEvent | None] | Exception] = {}
         for job in jobs:
             if job.event_pk is None:
                 continue
             stored = rows.get(job.event_pk)
             if stored is None:
-                failures[job.id] = NotFound(f"event {job.event_pk} is not in the store")
+                parsed[job.id] = NotFound(f"event {job.event_pk} is not in the store")
                 continue
             try:
-                event = decode_event(*stored)
+                parsed[job.id] = (stored[0], decode_event(*stored))
             except UnprocessableEvent as exc:
-                failures[job.id] = exc
-                continue
-            if event is None:
-                ignored.append(job.event_pk)
-                continue
-            batch.append(Arrived(event, stored[0], job.event_pk))
-            owners.append(job)
-        outcomes = apply_events(connection, batch, settings=self.settings, now=now)
-        for job, outcome in zip(owners, outcomes, strict=True):
-            if outcome is None:
-                assert job.event_pk is not None
-                processed.append(job.event_pk)
-            else:
-                failures[job.id] = outcome
-        mark_outcomes(connection, processed, "processed", now=now)
-        mark_outcomes(connection, ignored, "ignored", now=now)
-        return failures
+                parsed[job.id] = exc
+        return PreparedEvents(self, jobs, parsed)
+
+    def run_many(self, connection: Connection, jobs: Sequence[Job]) -> dict[int, Exception]:
+        """Process the events of `jobs`, in order, inside the caller's transaction (see
+        `PreparedEvents.run`)."""
+        return self.prepare_in(connection, jobs).run(connection)
 
     def apply_events(
         self, connection: Connection, batch: Sequence[Arrived]
@@ -122,6 +115,56 @@ class Processor:
         )
         if failure is not None:
             raise failure
+
+
+class PreparedEvents:
+    """The parsed events of a batch of jobs (`Processor.prepare`), to apply in a transaction."""
+
+    def __init__(
+        self,
+        processor: Processor,
+        jobs: Sequence[Job],
+        parsed: dict[int, tuple[str, BillingEvent | None] | Exception],
+    ) -> None:
+        self._processor = processor
+        self._jobs = jobs
+        self._parsed = parsed  # by job id: (source, event or None if ignored), or why not
+
+    def run(self, connection: Connection) -> dict[int, Exception]:
+        """Apply the events in order and mark them, inside the caller's transaction.
+
+        Returns the jobs whose event was missing, unreadable or refused by the model (nothing
+        of theirs is written); raises, having written part of the batch, when the database
+        refuses: roll back then."""
+        now = self._processor.clock()
+        failures: dict[int, Exception] = {}
+        batch: list[Arrived] = []
+        owners: list[Job] = []
+        processed: list[int] = []
+        ignored: list[int] = []
+        for job in self._jobs:
+            if job.event_pk is None:
+                continue
+            parsed = self._parsed[job.id]
+            if isinstance(parsed, Exception):
+                failures[job.id] = parsed
+                continue
+            source, event = parsed
+            if event is None:
+                ignored.append(job.event_pk)
+                continue
+            batch.append(Arrived(event, source, job.event_pk))
+            owners.append(job)
+        outcomes = apply_events(connection, batch, settings=self._processor.settings, now=now)
+        for job, outcome in zip(owners, outcomes, strict=True):
+            if outcome is None:
+                assert job.event_pk is not None
+                processed.append(job.event_pk)
+            else:
+                failures[job.id] = outcome
+        mark_outcomes(connection, processed, "processed", now=now)
+        mark_outcomes(connection, ignored, "ignored", now=now)
+        return failures
 
 
 def decode_event(source: str, body: bytes) -> BillingEvent | None:
@@ -143,14 +186,14 @@ def _default_processor() -> Processor:
 class _DefaultHandler:
     """The default `process_event` handler: settings from the environment of this process.
 
-    Callable as a plain handler (`handler(engine, job)`), and with `run_many(connection, jobs)`
-    so the worker can run a claimed batch in one transaction."""
+    Callable as a plain handler (`handler(engine, job)`), and with `prepare(engine, jobs)` so
+    the worker can run a claimed batch in one transaction."""
 
     def __call__(self, engine: Engine, job: Job) -> None:
         _default_processor()(engine, job)
 
-    def run_many(self, connection: Connection, jobs: Sequence[Job]) -> dict[int, Exception]:
-        return _default_processor().run_many(connection, jobs)
+    def prepare(self, engine: Engine, jobs: Sequence[Job]) -> PreparedEvents:
+        return _default_processor().prepare(engine, jobs)
 
 
 handle_process_event = _DefaultHandler()

@@ -2,9 +2,11 @@
 
 Jobs whose handler can run inside a given transaction (a `BatchHandler`, such as the event
 processor) share one, up to `MAX_SHARED_COMMIT` of them: their writes and their completions
-commit together. Other jobs run one by one, each handler in its own transaction(s); a threaded
-worker hands their completions to its `GroupCompleter` (the fetcher's next round commits them),
-otherwise each commits here. A failure is recorded here either way: retry later, or dead.
+commit together, and what the handler can do beforehand (`prepare`: reads, parsing) is done
+before that transaction begins, so it holds the write lock (SQLite) only for the writes.
+Other jobs run one by one, each handler in its own transaction(s); a threaded worker hands
+their completions to its `GroupCompleter` (the fetcher's next round commits them), otherwise
+each commits here. A failure is recorded here either way: retry later, or dead.
 """
 
 from __future__ import annotations
@@ -30,14 +32,22 @@ _log = get_logger(__name__)
 MAX_SHARED_COMMIT = 50
 
 
+class PreparedBatch(Protocol):
+    """What a `BatchHandler` prepared for a batch of jobs, to run inside a transaction."""
+
+    def run(self, connection: Connection) -> dict[int, Exception]: ...
+
+
 @runtime_checkable
 class BatchHandler(Protocol):
     """A handler that can run a batch of jobs inside the worker's transaction (`Processor`).
 
-    `run_many` returns the jobs it refused (with why) having written nothing of theirs, and
-    raises when the database refuses: the worker then rolls back and runs each job alone."""
+    `prepare` runs first, outside any transaction of the worker's (reads and computation that
+    need no lock); the prepared batch's `run` returns the jobs it refused (with why) having
+    written nothing of theirs, and raises when the database refuses: the worker then rolls
+    back and runs each job alone."""
 
-    def run_many(self, connection: Connection, jobs: Sequence[Job]) -> dict[int, Exception]: ...
+    def prepare(self, engine: Engine, jobs: Sequence[Job]) -> PreparedBatch: ...
 
 
 class Executor:
@@ -87,8 +97,9 @@ class Executor:
         """One transaction for the batch; a job the handler refuses fails alone. If the database
         refuses the batch, nothing of it committed: each job then runs on its own."""
         try:
+            prepared = handler.prepare(self._engine, jobs)
             with transaction(self._engine) as connection:
-                failed = handler.run_many(connection, jobs)
+                failed = prepared.run(connection)
                 done = [job for job in jobs if job.id not in failed]
                 for job in done:
                     self._inflight.mark_finishing(job)

@@ -73,11 +73,32 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Connection) -> None:
+        if connection.get_execution_options().get(_READING):
+            return  # `reading`: each statement reads the last commit, no write turn taken
         dbapi_connection = connection.connection.dbapi_connection
         if isinstance(dbapi_connection, TurnTakingConnection):
             dbapi_connection.begin_immediate()  # waits for this database's write turn
         else:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+_READING = "billhook_reading"
+
+
+@contextmanager
+def reading(engine: Engine) -> Iterator[Connection]:
+    """A connection for reads outside any write transaction.
+
+    On SQLite it takes no write turn and begins no transaction: each statement reads the last
+    committed state, while writers go on. For rows that never change once written (stored
+    events) that is the same as reading them inside the writer's transaction, without holding
+    the one write lock meanwhile. Nothing may be written through it. On PostgreSQL it is a plain
+    transaction, rolled back at the end. Driver connection errors become `StoreUnavailable`."""
+    try:
+        with engine.connect().execution_options(**{_READING: True}) as connection:
+            yield connection
+    except DRIVER_ERRORS as exc:
+        raise unavailable(exc) from exc
 
 
 def is_sqlite(engine: Engine) -> bool:
