@@ -213,6 +213,42 @@ def test_events_are_read_and_parsed_while_another_writer_holds_the_database(
     assert (row.status, row.amount_paid) == ("paid", PAID["amount_paid"])
 
 
+def test_a_batch_prepared_before_its_invoice_moved_writes_nothing(
+    engine: Engine, processor: Processor
+) -> None:
+    """A batch is planned before its transaction; if one of its invoices changes in between,
+    its writes are refused whole (the version check), and the job run alone, planned inside
+    its transaction, applies the event on the state as it now is."""
+    deliver(
+        engine,
+        "standard",
+        canonical("e1", "invoice.finalized", BASE, status="open", currency="eur", amount_due=5000),
+    )
+    assert drain(engine, processor) == []
+    deliver(engine, "standard", canonical("e2", "invoice.paid", BASE + 10, **PAID))
+    (job,) = claim(engine, worker_id="t", now=time.time(), lease_seconds=30, limit=10)
+    prepared = processor.prepare(engine, [job])
+    # Meanwhile another writer (a replay, an operator) moves the invoice.
+    with engine.connect() as connection:
+        seen = load_invoice(connection, "inv_1", lock=False)
+    assert seen is not None
+    with transaction(engine) as connection:
+        save_invoice(
+            connection, seen.state, source="standard", seen=seen, attention="moved", now=2.0
+        )
+    before = (invoice_row(engine), effect_keys(engine), stories(engine))
+    with pytest.raises(ConcurrentUpdate), transaction(engine) as connection:
+        prepared.run(connection)
+    assert (invoice_row(engine), effect_keys(engine), stories(engine)) == before
+    with engine.connect() as connection:
+        assert connection.execute(sa.select(event_outcomes.c.event_pk)).scalars().all() == [1]
+
+    processor(engine, job)
+    row = invoice_row(engine)
+    assert (row.status, row.amount_paid, row.version) == ("paid", PAID["amount_paid"], 3)
+    assert effect_keys(engine) == ["payment_receipt:inv_1"]
+
+
 def test_unknown_types_are_ignored(engine: Engine, processor: Processor) -> None:
     deliver(
         engine,

@@ -17,6 +17,11 @@ An event the model refuses (no invoice known yet, an unreadable stored state, a 
 what billing needs) fails alone: it is left out of the writes and reported in its slot. A
 database refusal (another writer created or moved an invoice first) raises and writes nothing
 of the batch; callers then go one event at a time, where each conflict is retried on its own.
+
+Steps 1-3 are `plan_events` and step 4 `write_plan`; `apply_events` runs both in the caller's
+transaction. A worker's batch plans before its transaction, reading without row locks on a
+connection that holds no SQLite write lock, so the one write lock (SQLite) is held for the
+writes alone: the version checks of step 4 refuse the batch if an invoice moved in between.
 """
 
 from __future__ import annotations
@@ -73,11 +78,40 @@ class _Invoice:
     dirty: bool = False
 
 
+@dataclass
+class Plan:
+    """What applying a batch writes (`plan_events`), and each event's outcome."""
+
+    outcomes: list[Exception | None]
+    new_links: dict[str, str]
+    created: list[dict[str, Any]]
+    updated: list[tuple[StoredInvoice, dict[str, Any]]]
+    transitions: list[dict[str, Any]]
+    outbox: list[dict[str, Any]]
+    now: float
+
+
 def apply_events(
     connection: Connection, batch: Sequence[Arrived], *, settings: Settings, now: float
 ) -> list[Exception | None]:
     """Apply `batch` in order inside the caller's transaction; one slot per event: None when
     it is applied (or was already), else the reason it was not."""
+    plan = plan_events(connection, batch, settings=settings, now=now, lock=True)
+    write_plan(connection, plan)
+    return plan.outcomes
+
+
+def plan_events(
+    connection: Connection,
+    batch: Sequence[Arrived],
+    *,
+    settings: Settings,
+    now: float,
+    lock: bool,
+) -> Plan:
+    """Read what `batch` is about and apply it in memory (steps 1-3). `lock` takes the
+    invoices' row locks (PostgreSQL, inside the transaction that writes the plan); without it
+    `write_plan`'s version checks are what catches an invoice that moved since."""
     outcomes: list[Exception | None] = [None] * len(batch)
     # Only events that name a charge and no invoice need the stored links. A link an event of
     # this batch makes for a charge not read here is inserted as `ON CONFLICT DO NOTHING`, so a
@@ -112,7 +146,7 @@ def apply_events(
         resolved.append(event)
 
     wanted = sorted({e.invoice_id for e in resolved if e is not None and e.invoice_id})
-    stored = load_invoices(connection, wanted, lock=True)
+    stored = load_invoices(connection, wanted, lock=lock)
     invoices: dict[str, _Invoice] = {}
     transitions: list[dict[str, Any]] = []
     outbox: list[dict[str, Any]] = []
@@ -155,7 +189,6 @@ def apply_events(
             settings=settings,
         )
 
-    link_charges(connection, new_links, now)
     created: list[dict[str, Any]] = []
     updated: list[tuple[StoredInvoice, dict[str, Any]]] = []
     for invoice in invoices.values():
@@ -167,11 +200,17 @@ def apply_events(
             created.append({"id": invoice.state.invoice_id, "source": invoice.source, **columns})
         else:
             updated.append((invoice.seen, columns))
-    insert_invoices(connection, created, now=now)
-    update_invoices(connection, updated)
-    insert_transitions(connection, transitions)
-    insert_effects(connection, outbox)
-    return outcomes
+    return Plan(outcomes, new_links, created, updated, transitions, outbox, now)
+
+
+def write_plan(connection: Connection, plan: Plan) -> None:
+    """Write `plan` in the caller's transaction (step 4); `ConcurrentUpdate` if an invoice was
+    created or moved since it was read."""
+    link_charges(connection, plan.new_links, plan.now)
+    insert_invoices(connection, plan.created, now=plan.now)
+    update_invoices(connection, plan.updated)
+    insert_transitions(connection, plan.transitions)
+    insert_effects(connection, plan.outbox)
 
 
 def _not_yet_known(event: BillingEvent) -> InvoiceNotYetKnown:
