@@ -2,7 +2,7 @@
 
 Jobs whose handler can run inside a given transaction (a `BatchHandler`, such as the event
 processor) share one, up to `MAX_SHARED_COMMIT` of them: their writes and their completions
-commit together, and what the handler can do beforehand (`prepare`: reads, parsing) is done
+commit together, and what the handler can do beforehand (`prepare`: reads, the model) is done
 before that transaction begins, so it holds the write lock (SQLite) only for the writes.
 Other jobs run one by one, each handler in its own transaction(s); a threaded worker hands
 their completions to its `GroupCompleter` (the fetcher's next round commits them), otherwise
