@@ -6,7 +6,7 @@ import copy
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +18,11 @@ from sqlalchemy.engine import Engine
 from billhook.applying import InvoiceNotYetKnown
 from billhook.billing import InvoiceState
 from billhook.config import load_settings
-from billhook.processing import Processor, on_job_dead
+from billhook.processing import PreparedEvents, Processor, on_job_dead
 from billhook.queue.claims import claim, complete
 from billhook.queue.jobs import Job
+from billhook.queue.registry import Registry
+from billhook.queue.worker import Worker, WorkerConfig
 from billhook.sources import IncomingEvent
 from billhook.store.engine import transaction
 from billhook.store.events import Arrival, record_many
@@ -246,6 +248,54 @@ def test_a_batch_prepared_before_its_invoice_moved_writes_nothing(
     processor(engine, job)
     row = invoice_row(engine)
     assert (row.status, row.amount_paid, row.version) == ("paid", PAID["amount_paid"], 3)
+    assert effect_keys(engine) == ["payment_receipt:inv_1"]
+
+
+def test_a_worker_batch_whose_invoice_moved_runs_each_job_alone(
+    engine: Engine, database_url: str
+) -> None:
+    """The worker's side of the race above: the shared transaction is refused, nothing of it
+    is kept, and each job of the batch then runs alone and completes."""
+
+    class MovesAnInvoiceOnce(Processor):
+        moved = False
+
+        def prepare(self, engine: Engine, jobs: Sequence[Job]) -> PreparedEvents:
+            prepared = super().prepare(engine, jobs)
+            if not self.moved:  # another writer gets to inv_1 between plan and transaction
+                self.moved = True
+                with engine.connect() as connection:
+                    seen = load_invoice(connection, "inv_1", lock=False)
+                assert seen is not None
+                with transaction(engine) as connection:
+                    save_invoice(
+                        connection, seen.state, source="standard", seen=seen, attention="moved",
+                        now=2.0,
+                    )
+            return prepared
+
+    settings = load_settings(database_url=database_url)
+    deliver(
+        engine,
+        "standard",
+        canonical("e1", "invoice.finalized", BASE, status="open", currency="eur", amount_due=5000),
+    )
+    assert drain(engine, Processor(settings)) == []
+    deliver(engine, "standard", canonical("e2", "invoice.paid", BASE + 10, **PAID))
+    second = canonical("e3", "invoice.finalized", BASE, status="open", currency="eur")
+    second["data"]["invoice_id"] = "inv_2"
+    deliver(engine, "standard", second, key="inv_2")
+    handler = MovesAnInvoiceOnce(settings)
+    worker = Worker(engine, WorkerConfig(concurrency=10), Registry({"process_event": handler}))
+    while worker.run_once():
+        pass
+    assert handler.moved
+    with engine.connect() as connection:
+        states = connection.execute(sa.select(jobs.c.state, jobs.c.attempts)).all()
+    assert sorted(states) == [("completed", 1)] * 3
+    assert (invoice_row(engine).status, invoice_row(engine, "inv_2").status) == ("paid", "open")
+    # Created (1), moved (2), paid on the moved state (3): the batch's stale write left no trace.
+    assert invoice_row(engine).version == 3
     assert effect_keys(engine) == ["payment_receipt:inv_1"]
 
 
