@@ -67,6 +67,17 @@ NOTES = """
   2026-11-26 the workers waited in SQLite's busy handler, whose naps grow to 100 ms however
   soon the lock is free, and the drain lagged ingest by seconds (p50 latency 1.3-3.6 s; now
   ~0.1 s). The ingest writer gathers what arrived while it waited into that same commit.
+- On SQLite the write lock, more than the CPU, bounds this run. Timing each thread's hold of
+  it (2026-11-26, 10,000 events) found it held nearly all the time: the workers' batch
+  transactions about 0.3 ms per event, the dispatchers 0.14, the fetchers 0.08, then ingest's
+  commits. Since then a worker's batch reads its events and invoices and runs the model before
+  its transaction (`Processor.prepare`; the writes are version-checked), so a batch holds the
+  lock 6.4-6.8 ms instead of 11.5-12.5: interleaved pairs gave 1,710 / 1,824 / 1,845 / 1,855
+  events/s before and 1,925 / 2,156 / 2,217 / 1,858 after (PostgreSQL 1,266 -> 1,439).
+- wrk sends every event once, then `GET /healthz` until it is stopped. Until 2026-11-26 its
+  script lost the first event to wrk's own check of the script, and re-sent the last delivery
+  meanwhile: each run ended with 3 s of duplicates, counted in serve's CPU (0.45 ms per event
+  at 10,000 events; 0.16-0.20 since).
 - The SMTP sink writes each message to a file on tmpfs: on this machine's ext4 the file
   creations (in a directory where earlier runs deleted thousands) cost the kernel a third of
   both cores, in no billhook process, and the pipeline ran ~30% slower.
