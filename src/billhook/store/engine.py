@@ -90,10 +90,11 @@ def reading(engine: Engine) -> Iterator[Connection]:
     """A connection for reads outside any write transaction.
 
     On SQLite it takes no write turn and begins no transaction: each statement reads the last
-    committed state, while writers go on. For rows that never change once written (stored
-    events) that is the same as reading them inside the writer's transaction, without holding
-    the one write lock meanwhile. Nothing may be written through it. On PostgreSQL it is a plain
-    transaction, rolled back at the end. Driver connection errors become `StoreUnavailable`."""
+    committed state, while writers go on. Rows that never change once written (stored events)
+    read the same as inside the writer's transaction, without holding the one write lock
+    meanwhile; rows that change (invoices) must be checked when written (their version). Nothing
+    may be written through it. On PostgreSQL it is a plain transaction, rolled back at the end.
+    Driver connection errors become `StoreUnavailable`."""
     try:
         with engine.connect().execution_options(**{_READING: True}) as connection:
             yield connection
