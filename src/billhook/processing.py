@@ -53,19 +53,16 @@ class Processor:
     def __call__(self, engine: Engine, job: Job) -> None:
         if job.event_pk is None:
             return
+        # Planned inside its transaction, unlike a batch (`prepare`): a job alone cannot lose
+        # the version race, so a batch refused for one falls back to this.
         with transaction(engine) as connection:
             self.run_in(connection, job)
 
     def run_in(self, connection: Connection, job: Job) -> None:
         """Process `job`'s event inside the caller's transaction."""
-        failure = self.run_many(connection, [job]).get(job.id)
+        failure = self.prepare_in(connection, [job]).run(connection).get(job.id)
         if failure is not None:
             raise failure
-
-    def run_many(self, connection: Connection, jobs: Sequence[Job]) -> dict[int, Exception]:
-        """Process the events of `jobs`, in order, inside the caller's transaction (see
-        `PreparedEvents.run`)."""
-        return self.prepare_in(connection, jobs).run(connection)
 
     def prepare(self, engine: Engine, jobs: Sequence[Job]) -> PreparedEvents:
         """Read, parse and plan the events of `jobs` before the transaction that writes them.
